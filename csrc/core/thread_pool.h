@@ -1,0 +1,22 @@
+// A persistent pool of worker threads for the CPU backend. parallel_for splits
+// [0, n) into contiguous chunks, one per thread, so the split (and thus any
+// per-chunk partial result) depends only on n and the thread count. Kernels that
+// reduce keep per-item partials and combine them in index order, so their results
+// do not depend on the thread count at all.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace ppo {
+
+// Number of threads the CPU backend uses (PPO_MAX_THREADS, else hardware threads).
+int cpu_thread_count();
+
+// Calls fn(begin, end) on disjoint chunks covering [0, n), in parallel, and waits.
+// Runs inline when n is small or when called from inside a pool thread.
+// Exceptions thrown by fn are rethrown in the caller (the first one wins).
+void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn,
+                  int64_t min_chunk = 1);
+
+}  // namespace ppo

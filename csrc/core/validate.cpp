@@ -1,0 +1,123 @@
+#include "core/validate.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace ppo::validate {
+
+namespace {
+// Beyond this an int64 element count of float32 data cannot be real memory anyway.
+constexpr int64_t kMaxElements = int64_t(1) << 40;
+}
+
+std::string index_string(int64_t flat, int64_t steps) {
+  std::ostringstream s;
+  if (steps > 0) s << "[" << flat / steps << ", " << flat % steps << "]";
+  else s << "[" << flat << "]";
+  return s.str();
+}
+
+void positive_size(int64_t value, const char* name) {
+  if (value <= 0 || value > kMaxElements) {
+    std::ostringstream s;
+    s << name << " must be a positive size, got " << value;
+    throw Error(ErrorCode::InvalidArgument, s.str(), name);
+  }
+}
+
+void present(const void* ptr, const char* name) {
+  require(ptr != nullptr, ErrorCode::InvalidArgument, std::string(name) + " is required", name);
+}
+
+void finite(const float* values, int64_t count, const char* name) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!std::isfinite(values[i])) {
+      std::ostringstream s;
+      s << name << "[" << i << "] is " << values[i] << ": expected a finite number";
+      throw Error(ErrorCode::NonFinite, s.str(), name);
+    }
+  }
+}
+
+void finite_where_valid(const float* values, const float* mask, int64_t rows, int64_t inner,
+                        const char* name) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (mask && mask[r] == 0.0f) continue;
+    const float* row = values + r * inner;
+    for (int64_t i = 0; i < inner; ++i) {
+      if (!std::isfinite(row[i])) {
+        std::ostringstream s;
+        s << name << "[" << r * inner + i << "] is " << row[i]
+          << " at a valid (unmasked) position: expected a finite number";
+        throw Error(ErrorCode::NonFinite, s.str(), name);
+      }
+    }
+  }
+}
+
+void mask_values(const float* mask, int64_t count) {
+  if (!mask) return;
+  for (int64_t i = 0; i < count; ++i) {
+    if (mask[i] != 0.0f && mask[i] != 1.0f) {
+      std::ostringstream s;
+      s << "mask[" << i << "] is " << mask[i] << ": a mask holds only 0 (padding) and 1 (valid)";
+      throw Error(ErrorCode::OutOfRange, s.str(), "mask");
+    }
+  }
+}
+
+void tokens_in_range(const int32_t* tokens, const float* mask, int64_t count, int64_t vocab) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (mask && mask[i] == 0.0f) continue;
+    if (tokens[i] < 0 || tokens[i] >= vocab) {
+      std::ostringstream s;
+      s << "tokens[" << i << "] is " << tokens[i] << ": token ids must lie in [0, " << vocab
+        << ")";
+      throw Error(ErrorCode::OutOfRange, s.str(), "tokens");
+    }
+  }
+}
+
+void logits_rows(const float* logits, const int32_t* tokens, const float* mask, int64_t row_begin,
+                 int64_t row_end, int64_t vocab) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    if (mask && mask[r] == 0.0f) continue;
+    const float* row = logits + r * vocab;
+    bool any_finite = false;
+    for (int64_t v = 0; v < vocab; ++v) {
+      float x = row[v];
+      if (std::isnan(x) || x == INFINITY) {
+        std::ostringstream s;
+        s << "logits[" << r * vocab + v << "] is " << x
+          << ": logits may be -Infinity (a banned token) but never NaN or +Infinity";
+        throw Error(ErrorCode::NonFinite, s.str(), "logits");
+      }
+      any_finite = any_finite || std::isfinite(x);
+    }
+    if (!any_finite) {
+      std::ostringstream s;
+      s << "logits row " << r << " is -Infinity everywhere: no token has any probability";
+      throw Error(ErrorCode::NonFinite, s.str(), "logits");
+    }
+    if (tokens && !std::isfinite(row[tokens[r]])) {
+      std::ostringstream s;
+      s << "logits[" << r * vocab + tokens[r] << "] of the taken token " << tokens[r]
+        << " at row " << r << " is -Infinity: that token has probability zero";
+      throw Error(ErrorCode::NonFinite, s.str(), "logits");
+    }
+  }
+}
+
+void scalar_in_range(double value, double lo, double hi, bool lo_open, const char* name) {
+  bool ok = std::isfinite(value) && (lo_open ? value > lo : value >= lo) && value <= hi;
+  if (!ok) {
+    std::ostringstream s;
+    s << name << " must be " << (std::isfinite(value) ? "" : "finite and ") << "in "
+      << (lo_open ? "(" : "[") << lo << ", " << hi << "], got " << value;
+    throw Error(ErrorCode::InvalidArgument, s.str(), name);
+  }
+}
+
+}  // namespace ppo::validate

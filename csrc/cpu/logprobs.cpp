@@ -1,0 +1,128 @@
+// Log-probs of taken tokens and per-position entropy, forward and backward.
+// One row = one (b, t) position = `vocab` logits. Rows run in parallel; within a
+// row, vectorized passes over the vocabulary.
+#include <algorithm>
+#include <cmath>
+
+#include "core/thread_pool.h"
+#include "cpu/kernels.h"
+#include "cpu/vec_math.h"
+
+namespace ppo::cpu {
+
+namespace {
+
+// Partial float sums over blocks of this many elements, added into a double: the
+// speed of float lanes with error bounded as for a 256-term float sum.
+constexpr int64_t kBlock = 256;
+
+// log p_v = (z_v - max) - log_sum, with z = logits / temperature. Keeping max and
+// log_sum apart (rather than lse = max + log_sum) keeps full precision when the
+// logits are large: z_v - max is exact-ish in float, log_sum is small.
+struct RowStats {
+  float max;       // max_v z_v
+  double log_sum;  // log sum_v exp(z_v - max)
+  double entropy;  // -sum_v p_v log p_v (only when asked)
+};
+
+PPO_CPU_MULTIVERSION
+float row_max(const float* x, int64_t n, float inv_temp) {
+  float m = -INFINITY;
+  for (int64_t v = 0; v < n; ++v) m = std::max(m, x[v] * inv_temp);
+  return m;
+}
+
+// Returns sum_v e_v and, via weighted, sum_v e_v (z_v - max), where e_v = exp(z_v - max).
+// Terms with e_v == 0 (including z = -inf) contribute nothing to either sum.
+PPO_CPU_MULTIVERSION
+double row_exp_sums(const float* x, int64_t n, float inv_temp, float max, double* weighted) {
+  double total = 0.0, total_w = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    float s = 0.0f, w = 0.0f;
+    for (int64_t v = start; v < end; ++v) {
+      float t = x[v] * inv_temp - max;
+      float e = fast_exp(t);
+      s += e;
+      w += e == 0.0f ? 0.0f : e * t;
+    }
+    total += s;
+    total_w += w;
+  }
+  *weighted = total_w;
+  return total;
+}
+
+RowStats row_stats(const float* logits, int64_t vocab, float inv_temp, bool want_entropy) {
+  RowStats st;
+  st.max = row_max(logits, vocab, inv_temp);
+  double weighted = 0.0;
+  const double sum = row_exp_sums(logits, vocab, inv_temp, st.max, &weighted);
+  st.log_sum = std::log(sum);
+  // H = log S - E_p[z - max] = log S - (sum e (z - max)) / S
+  st.entropy = want_entropy ? st.log_sum - weighted / sum : 0.0;
+  return st;
+}
+
+// grad_v = (g_lp ([v == token] - p_v) - g_h p_v (log p_v + H)) * inv_temp
+PPO_CPU_MULTIVERSION
+void row_backward(const float* x, int64_t n, float inv_temp, float max, float log_sum,
+                  float entropy, float g_lp, float g_h, float* grad) {
+  for (int64_t v = 0; v < n; ++v) {
+    float log_p = (x[v] * inv_temp - max) - log_sum;
+    float p = fast_exp(log_p);
+    float entropy_term = p == 0.0f ? 0.0f : p * (log_p + entropy);
+    grad[v] = (-g_lp * p - g_h * entropy_term) * inv_temp;
+  }
+}
+
+int64_t rows_per_chunk(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, vocab)); }
+
+}  // namespace
+
+void logprobs_forward(const LogprobsArgs& a) {
+  const float inv_temp = 1.0f / a.temperature;
+  const int64_t rows = a.batch * a.steps;
+  parallel_for(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          if (a.mask && a.mask[r] == 0.0f) {
+            a.logprobs[r] = 0.0f;
+            if (a.entropy) a.entropy[r] = 0.0f;
+            continue;
+          }
+          const float* row = a.logits + r * a.vocab;
+          RowStats st = row_stats(row, a.vocab, inv_temp, a.entropy != nullptr);
+          a.logprobs[r] = static_cast<float>(double(row[a.tokens[r]] * inv_temp - st.max) - st.log_sum);
+          if (a.entropy) a.entropy[r] = static_cast<float>(st.entropy);
+        }
+      },
+      rows_per_chunk(a.vocab));
+}
+
+void logprobs_backward(const LogprobsBackwardArgs& a) {
+  const float inv_temp = 1.0f / a.temperature;
+  const int64_t rows = a.batch * a.steps;
+  parallel_for(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          float* grad = a.grad_logits + r * a.vocab;
+          const float g_lp = a.grad_logprobs ? a.grad_logprobs[r] : 0.0f;
+          const float g_h = a.grad_entropy ? a.grad_entropy[r] : 0.0f;
+          if ((a.mask && a.mask[r] == 0.0f) || (g_lp == 0.0f && g_h == 0.0f)) {
+            std::fill(grad, grad + a.vocab, 0.0f);
+            continue;
+          }
+          const float* row = a.logits + r * a.vocab;
+          RowStats st = row_stats(row, a.vocab, inv_temp, g_h != 0.0f);
+          row_backward(row, a.vocab, inv_temp, st.max, static_cast<float>(st.log_sum),
+                       static_cast<float>(st.entropy), g_lp, g_h, grad);
+          grad[a.tokens[r]] += g_lp * inv_temp;
+        }
+      },
+      rows_per_chunk(a.vocab));
+}
+
+}  // namespace ppo::cpu
