@@ -19,4 +19,11 @@ int cpu_thread_count();
 void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn,
                   int64_t min_chunk = 1);
 
+// The min_chunk for items of `cost_per_item` elementary operations each, so that a
+// thread gets at least ~64k operations: below that, waking a thread costs more than it saves.
+inline int64_t grain_for(int64_t cost_per_item) {
+  constexpr int64_t kMinWorkPerThread = 65536;
+  return cost_per_item >= kMinWorkPerThread ? 1 : kMinWorkPerThread / (cost_per_item > 0 ? cost_per_item : 1);
+}
+
 }  // namespace ppo

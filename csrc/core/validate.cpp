@@ -31,34 +31,45 @@ void present(const void* ptr, const char* name) {
   require(ptr != nullptr, ErrorCode::InvalidArgument, std::string(name) + " is required", name);
 }
 
+// Each check first counts offending entries with a branch-free loop (vectorized,
+// memory-speed); only when one exists does a second, plain loop find and report
+// the first. The fast path is all that valid input ever pays.
+namespace {
+inline bool is_finite_fast(float x) { return (x - x) == 0.0f; }  // false for NaN, +-inf
+inline bool is_valid(const float* mask, int64_t i) { return !mask || mask[i] != 0.0f; }
+}  // namespace
+
 void finite(const float* values, int64_t count, const char* name) {
-  for (int64_t i = 0; i < count; ++i) {
-    if (!std::isfinite(values[i])) {
-      std::ostringstream s;
-      s << name << "[" << i << "] is " << values[i] << ": expected a finite number";
-      throw Error(ErrorCode::NonFinite, s.str(), name);
-    }
-  }
+  finite_where_valid(values, nullptr, count, 1, name);
 }
 
 void finite_where_valid(const float* values, const float* mask, int64_t rows, int64_t inner,
                         const char* name) {
-  for (int64_t r = 0; r < rows; ++r) {
-    if (mask && mask[r] == 0.0f) continue;
-    const float* row = values + r * inner;
-    for (int64_t i = 0; i < inner; ++i) {
-      if (!std::isfinite(row[i])) {
-        std::ostringstream s;
-        s << name << "[" << r * inner + i << "] is " << row[i]
-          << " at a valid (unmasked) position: expected a finite number";
-        throw Error(ErrorCode::NonFinite, s.str(), name);
-      }
+  const int64_t count = rows * inner;
+  int64_t bad = 0;
+  if (!mask) {
+    for (int64_t i = 0; i < count; ++i) bad += !is_finite_fast(values[i]);
+  } else if (inner == 1) {
+    for (int64_t i = 0; i < count; ++i) bad += (mask[i] != 0.0f) & !is_finite_fast(values[i]);
+  } else {
+    bad = 1;  // rare layout: take the plain loop
+  }
+  if (bad == 0) return;
+  for (int64_t i = 0; i < count; ++i) {
+    if (is_valid(mask, i / inner) && !std::isfinite(values[i])) {
+      std::ostringstream s;
+      s << name << "[" << i << "] is " << values[i]
+        << (mask ? " at a valid (unmasked) position" : "") << ": expected a finite number";
+      throw Error(ErrorCode::NonFinite, s.str(), name);
     }
   }
 }
 
 void mask_values(const float* mask, int64_t count) {
   if (!mask) return;
+  int64_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) bad += (mask[i] != 0.0f) & (mask[i] != 1.0f);
+  if (bad == 0) return;
   for (int64_t i = 0; i < count; ++i) {
     if (mask[i] != 0.0f && mask[i] != 1.0f) {
       std::ostringstream s;
@@ -69,8 +80,12 @@ void mask_values(const float* mask, int64_t count) {
 }
 
 void tokens_in_range(const int32_t* tokens, const float* mask, int64_t count, int64_t vocab) {
+  int64_t bad = 0;
+  for (int64_t i = 0; i < count; ++i)
+    bad += (!mask || mask[i] != 0.0f) & ((tokens[i] < 0) | (tokens[i] >= vocab));
+  if (bad == 0) return;
   for (int64_t i = 0; i < count; ++i) {
-    if (mask && mask[i] == 0.0f) continue;
+    if (!is_valid(mask, i)) continue;
     if (tokens[i] < 0 || tokens[i] >= vocab) {
       std::ostringstream s;
       s << "tokens[" << i << "] is " << tokens[i] << ": token ids must lie in [0, " << vocab
@@ -80,23 +95,40 @@ void tokens_in_range(const int32_t* tokens, const float* mask, int64_t count, in
   }
 }
 
+namespace {
+// Counts NaN/+inf entries and finite entries of a row without branches, so the
+// common all-good case vectorizes; the slow search below runs only on a bad row.
+void count_row(const float* row, int64_t vocab, int64_t* bad, int64_t* finite) {
+  int32_t b = 0, f = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float x = row[v];
+    b += (x != x) | (x == INFINITY);
+    f += (x - x) == 0.0f;  // 0 for NaN and +-inf
+  }
+  *bad = b;
+  *finite = f;
+}
+}  // namespace
+
 void logits_rows(const float* logits, const int32_t* tokens, const float* mask, int64_t row_begin,
                  int64_t row_end, int64_t vocab) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     if (mask && mask[r] == 0.0f) continue;
     const float* row = logits + r * vocab;
-    bool any_finite = false;
-    for (int64_t v = 0; v < vocab; ++v) {
-      float x = row[v];
-      if (std::isnan(x) || x == INFINITY) {
-        std::ostringstream s;
-        s << "logits[" << r * vocab + v << "] is " << x
-          << ": logits may be -Infinity (a banned token) but never NaN or +Infinity";
-        throw Error(ErrorCode::NonFinite, s.str(), "logits");
+    int64_t bad = 0, finite_count = 0;
+    count_row(row, vocab, &bad, &finite_count);
+    if (bad > 0) {
+      for (int64_t v = 0; v < vocab; ++v) {
+        const float x = row[v];
+        if (std::isnan(x) || x == INFINITY) {
+          std::ostringstream s;
+          s << "logits[" << r * vocab + v << "] is " << x
+            << ": logits may be -Infinity (a banned token) but never NaN or +Infinity";
+          throw Error(ErrorCode::NonFinite, s.str(), "logits");
+        }
       }
-      any_finite = any_finite || std::isfinite(x);
     }
-    if (!any_finite) {
+    if (finite_count == 0) {
       std::ostringstream s;
       s << "logits row " << r << " is -Infinity everywhere: no token has any probability";
       throw Error(ErrorCode::NonFinite, s.str(), "logits");

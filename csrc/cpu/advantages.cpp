@@ -36,7 +36,7 @@ void gae(const GaeArgs& a) {
         next_advantage = advantage;
       }
     }
-  });
+  }, grain_for(a.steps));
 }
 
 void whiten(const WhitenArgs& a) {
@@ -56,7 +56,7 @@ void whiten(const WhitenArgs& a) {
       row_sum[b] = s;
       row_count[b] = n;
     }
-  });
+  }, grain_for(a.steps));
   double sum = 0.0, count = 0.0;
   for (int64_t b = 0; b < a.batch; ++b) {
     sum += row_sum[b];
@@ -79,7 +79,7 @@ void whiten(const WhitenArgs& a) {
       }
       row_sq[b] = sq;
     }
-  });
+  }, grain_for(a.steps));
   double m2 = 0.0;
   for (int64_t b = 0; b < a.batch; ++b) m2 += row_sq[b];
   const double var = count >= 2.0 ? m2 / (count - 1.0) : 0.0;
@@ -96,7 +96,7 @@ void whiten(const WhitenArgs& a) {
       if (clip > 0.0) x = std::clamp(x, -clip, clip);
       a.out[i] = static_cast<float>(x);
     }
-  }, 4096);
+  }, grain_for(1));
 }
 
 void clip_masked(const ClipArgs& a) {
@@ -104,7 +104,7 @@ void clip_masked(const ClipArgs& a) {
   parallel_for(a.batch * a.steps, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       a.out[i] = valid(a.mask, i) ? std::clamp(a.values[i], -c, c) : 0.0f;
-  }, 4096);
+  }, grain_for(1));
 }
 
 }  // namespace ppo::cpu

@@ -27,8 +27,14 @@ struct RowStats {
 
 PPO_CPU_MULTIVERSION
 float row_max(const float* x, int64_t n, float inv_temp) {
+  float lanes[kLanes];
+  for (int j = 0; j < kLanes; ++j) lanes[j] = -INFINITY;
+  int64_t v = 0;
+  for (; v + kLanes <= n; v += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] = std::max(lanes[j], x[v + j] * inv_temp);
   float m = -INFINITY;
-  for (int64_t v = 0; v < n; ++v) m = std::max(m, x[v] * inv_temp);
+  for (int j = 0; j < kLanes; ++j) m = std::max(m, lanes[j]);
+  for (; v < n; ++v) m = std::max(m, x[v] * inv_temp);
   return m;
 }
 
@@ -37,17 +43,37 @@ float row_max(const float* x, int64_t n, float inv_temp) {
 PPO_CPU_MULTIVERSION
 double row_exp_sums(const float* x, int64_t n, float inv_temp, float max, double* weighted) {
   double total = 0.0, total_w = 0.0;
+  // Per block: a map loop (exp; vectorizes like any elementwise loop), then lane-wise
+  // sums over the L1-resident results (vectorizes without reassociating one sum).
+  alignas(64) float e[kBlock], et[kBlock];
   for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
-    float s = 0.0f, w = 0.0f;
-    for (int64_t v = start; v < end; ++v) {
-      float t = x[v] * inv_temp - max;
-      float e = fast_exp(t);
-      s += e;
-      w += e == 0.0f ? 0.0f : e * t;
+    const int64_t len = std::min(n - start, kBlock);
+    const float* xb = x + start;
+    for (int64_t v = 0; v < len; ++v) {
+      const float t = xb[v] * inv_temp - max;
+      const float ev = fast_exp(t);
+      e[v] = ev;
+      et[v] = ev == 0.0f ? 0.0f : ev * t;
     }
-    total += s;
-    total_w += w;
+    float s[kLanes] = {}, w[kLanes] = {};
+    int64_t v = 0;
+    for (; v + kLanes <= len; v += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        s[j] += e[v + j];
+        w[j] += et[v + j];
+      }
+    }
+    float block_s = 0.0f, block_w = 0.0f;
+    for (int j = 0; j < kLanes; ++j) {
+      block_s += s[j];
+      block_w += w[j];
+    }
+    for (; v < len; ++v) {
+      block_s += e[v];
+      block_w += et[v];
+    }
+    total += block_s;
+    total_w += block_w;
   }
   *weighted = total_w;
   return total;
@@ -76,7 +102,6 @@ void row_backward(const float* x, int64_t n, float inv_temp, float max, float lo
   }
 }
 
-int64_t rows_per_chunk(int64_t vocab) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, vocab)); }
 
 }  // namespace
 
@@ -98,7 +123,7 @@ void logprobs_forward(const LogprobsArgs& a) {
           if (a.entropy) a.entropy[r] = static_cast<float>(st.entropy);
         }
       },
-      rows_per_chunk(a.vocab));
+      grain_for(a.vocab));
 }
 
 void logprobs_backward(const LogprobsBackwardArgs& a) {
@@ -122,7 +147,7 @@ void logprobs_backward(const LogprobsBackwardArgs& a) {
           grad[a.tokens[r]] += g_lp * inv_temp;
         }
       },
-      rows_per_chunk(a.vocab));
+      grain_for(a.vocab));
 }
 
 }  // namespace ppo::cpu

@@ -57,7 +57,7 @@ PolicyLossResult policy_loss(const PolicyLossArgs& a) {
       clipped[b] = row_clipped;
       kl[b] = row_kl;
     }
-  });
+  }, grain_for(a.steps));
   for (int64_t b = 0; b < a.batch; ++b) {
     result.loss += loss[b];
     result.clip_fraction += clipped[b];
@@ -109,7 +109,7 @@ ValueLossResult value_loss(const ValueLossArgs& a) {
       loss[b] = row_loss;
       clipped[b] = row_clipped;
     }
-  });
+  }, grain_for(a.steps));
   for (int64_t b = 0; b < a.batch; ++b) {
     result.loss += loss[b];
     result.clip_fraction += clipped[b];

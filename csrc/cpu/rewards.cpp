@@ -45,7 +45,7 @@ void kl_penalized_rewards(const KlRewardsArgs& a) {
         a.rewards[last] = static_cast<float>(-double(a.kl_coef) * kl + double(a.scores[b]));
       }
     }
-  });
+  }, grain_for(a.steps));
 }
 
 Moments moments(const MomentsArgs& a) {

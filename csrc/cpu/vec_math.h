@@ -25,7 +25,9 @@ inline float fast_exp(float x) {
   const bool underflow = x < -87.33654f;  // also true for -inf
   float xc = x > 88.72283f ? 88.72283f : x;
   xc = xc < -87.33654f ? -87.33654f : xc;
-  const float n = std::floor(xc * kLog2e + 0.5f);
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (vectorizes on plain SSE2).
+  const float kRound = 12582912.0f;
+  const float n = (xc * kLog2e + kRound) - kRound;
   float r = xc - n * kLn2Hi;
   r = r - n * kLn2Lo;
   float p = 1.9875691500e-4f;
@@ -40,5 +42,10 @@ inline float fast_exp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return underflow ? 0.0f : p * scale;
 }
+
+// Reductions over float lanes: GCC vectorizes a loop only when each lane has its own
+// accumulator (it may not reorder a single float sum without -ffast-math). Loops
+// process kLanes elements at a time into kLanes independent accumulators.
+constexpr int kLanes = 16;
 
 }  // namespace ppo::cpu

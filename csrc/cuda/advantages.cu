@@ -101,9 +101,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    masked_squared_deviation_kernel(const float* __restrict__ values, const float* __restrict__ mask,
-                                    int64_t n, const WhitenStats* __restrict__ stats,
-                                    Sums<2>* partials) {
+    masked_squared_deviation_kernel(const float* __restrict__ values,
+                                    const float* __restrict__ mask, int64_t n,
+                                    const WhitenStats* __restrict__ stats, Sums<2>* partials) {
   const double valid_count = stats->first.v[1];
   const double mean = valid_count > 0.0 ? stats->first.v[0] / valid_count : 0.0;
   Sums<2> s{};

@@ -76,7 +76,9 @@ Probe probe_device() {
     } else if (status == cudaErrorNoDevice || status == cudaSuccess) {
       const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
       probe.reason = "no CUDA-capable GPU was found";
-      if (visible != nullptr) probe.reason += std::string(" (CUDA_VISIBLE_DEVICES=\"") + visible + "\")";
+      if (visible != nullptr) {
+        probe.reason += std::string(" (CUDA_VISIBLE_DEVICES=\"") + visible + "\")";
+      }
     } else {
       probe.reason = std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(status);
     }
@@ -92,11 +94,12 @@ Probe probe_device() {
     cudaDeviceProp props;
     std::string gpu = "GPU " + std::to_string(device);
     if (cudaGetDeviceProperties(&props, device) == cudaSuccess) {
-      gpu += " (" + std::string(props.name) + ", compute capability " + std::to_string(props.major) +
-             "." + std::to_string(props.minor) + ")";
+      gpu += " (" + std::string(props.name) + ", compute capability " +
+             std::to_string(props.major) + "." + std::to_string(props.minor) + ")";
     }
     (void)cudaGetLastError();
-    if (image_status == cudaErrorNoKernelImageForDevice || image_status == cudaErrorInvalidDeviceFunction) {
+    if (image_status == cudaErrorNoKernelImageForDevice ||
+        image_status == cudaErrorInvalidDeviceFunction) {
       probe.reason = gpu + " is not supported by this build of ppo-max (compiled for " +
                      compiled_architectures() + ")";
     } else {

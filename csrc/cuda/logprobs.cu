@@ -6,7 +6,8 @@
 // sum of exp, and the entropy accumulator) in float with max subtraction; the block
 // then merges them in a fixed shuffle tree. The backward pass recomputes the softmax
 // from the logits (a second read of the row) and writes grad_logits in the same way.
-// Rows with mask 0 are not read: their outputs are written as zeros.
+// Rows with mask 0 are not read: their outputs are written as zeros (and so are the
+// gradient rows whose incoming grad_logprobs and grad_entropy are both 0).
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -73,7 +74,8 @@ __device__ __forceinline__ SoftmaxStats merge(const SoftmaxStats& a, const Softm
   SoftmaxStats out;
   out.max = max;
   out.sum = a.sum * scale_a + b.sum * scale_b;
-  out.weighted = scale_a * (a.weighted + shift_a * a.sum) + scale_b * (b.weighted + shift_b * b.sum);
+  out.weighted =
+      scale_a * (a.weighted + shift_a * a.sum) + scale_b * (b.weighted + shift_b * b.sum);
   return out;
 }
 
@@ -117,7 +119,8 @@ struct RowSplit {
 };
 
 __device__ __forceinline__ RowSplit split_row(const float* row, int n) {
-  const int misaligned_floats = static_cast<int>((reinterpret_cast<uintptr_t>(row) / sizeof(float)) % 4);
+  const int misaligned_floats =
+      static_cast<int>((reinterpret_cast<uintptr_t>(row) / sizeof(float)) % 4);
   const int head = min(n, (4 - misaligned_floats) % 4);
   return {head, (n - head) / 4};
 }
@@ -165,7 +168,9 @@ __device__ __forceinline__ void map_row(const float* __restrict__ in, float* __r
                                         int n, Map map) {
   const int stride = blockDim.x;
   if constexpr (!kVectorized) {
-    for (int column = threadIdx.x; column < n; column += stride) out[column] = map(column, __ldg(in + column));
+    for (int column = threadIdx.x; column < n; column += stride) {
+      out[column] = map(column, __ldg(in + column));
+    }
   } else {
     const RowSplit split = split_row(in, n);
     if (static_cast<int>(threadIdx.x) < split.head) {
@@ -195,7 +200,9 @@ __device__ __forceinline__ void zero_row(float* out, int n) {
   const int stride = blockDim.x;
   if (static_cast<int>(threadIdx.x) < split.head) out[threadIdx.x] = 0.0f;
   float4* body = reinterpret_cast<float4*>(out + split.head);
-  for (int k = threadIdx.x; k < split.vecs; k += stride) body[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int k = threadIdx.x; k < split.vecs; k += stride) {
+    body[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
   for (int column = split.head + 4 * split.vecs + threadIdx.x; column < n; column += stride) {
     out[column] = 0.0f;
   }
@@ -245,7 +252,11 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t rows = a.batch * a.steps;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     float* grad = a.grad_logits + row * vocab;
-    if (!is_valid(a.mask, row)) {
+    const float grad_logprob = a.grad_logprobs != nullptr ? a.grad_logprobs[row] : 0.0f;
+    const float grad_entropy = a.grad_entropy != nullptr ? a.grad_entropy[row] : 0.0f;
+    // Padding, or no gradient flowing into this row: zeros without reading the logits.
+    // (Both conditions are the same for every thread of the block.)
+    if (!is_valid(a.mask, row) || (grad_logprob == 0.0f && grad_entropy == 0.0f)) {
       zero_row(grad, vocab);
       continue;
     }
@@ -253,8 +264,6 @@ __global__ void __launch_bounds__(kRowThreads)
     const SoftmaxStats s = row_stats(logits, vocab, inv_temperature);
     const float log_sum = logf(s.sum);
     const float entropy = entropy_of(s, log_sum);
-    const float grad_logprob = a.grad_logprobs != nullptr ? a.grad_logprobs[row] : 0.0f;
-    const float grad_entropy = a.grad_entropy != nullptr ? a.grad_entropy[row] : 0.0f;
     const int token = a.tokens[row];
 
     map_row<kVectorized>(logits, grad, vocab, [&](int column, float logit) {
@@ -301,10 +310,11 @@ void logprobs_backward(const LogprobsBackwardArgs& args) {
   const bool same_alignment =
       ((reinterpret_cast<uintptr_t>(args.logits) ^ reinterpret_cast<uintptr_t>(args.grad_logits)) %
        16) == 0;
+  const unsigned blocks = row_blocks(rows);
   if (same_alignment) {
-    logprobs_backward_kernel<true><<<row_blocks(rows), kRowThreads>>>(args, vocab, inv_temperature);
+    logprobs_backward_kernel<true><<<blocks, kRowThreads>>>(args, vocab, inv_temperature);
   } else {
-    logprobs_backward_kernel<false><<<row_blocks(rows), kRowThreads>>>(args, vocab, inv_temperature);
+    logprobs_backward_kernel<false><<<blocks, kRowThreads>>>(args, vocab, inv_temperature);
   }
   PPO_CUDA_CHECK_LAUNCH("logprobs_backward_kernel");
   PPO_CUDA_SYNC("logprobs_backward");

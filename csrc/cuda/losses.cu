@@ -29,7 +29,8 @@ struct PolicyTerm {
 };
 
 __device__ __forceinline__ PolicyTerm policy_term(const PolicyLossArgs& a, int64_t i) {
-  const double log_ratio = static_cast<double>(a.logprobs[i]) - static_cast<double>(a.old_logprobs[i]);
+  const double log_ratio =
+      static_cast<double>(a.logprobs[i]) - static_cast<double>(a.old_logprobs[i]);
   const double ratio = exp(log_ratio);
   const double advantage = a.advantages[i];
   const double eps = a.clip_eps;

@@ -32,7 +32,8 @@ __device__ __forceinline__ double kl_estimate(double d, KlEstimator estimator) {
 
 __global__ void __launch_bounds__(kThreads) kl_rewards_kernel(KlRewardsArgs a) {
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int64_t first_row =
+      static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int64_t row_stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t row = first_row; row < a.batch; row += row_stride) {
     const int64_t base = row * a.steps;
@@ -46,7 +47,8 @@ __global__ void __launch_bounds__(kThreads) kl_rewards_kernel(KlRewardsArgs a) {
         if (a.mask[base + t] != 0.0f) last_valid = t;  // ascending t: the lane's max
       }
       for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-        last_valid = max(last_valid, __shfl_xor_sync(kFullWarp, last_valid, offset));
+        const int64_t other = __shfl_xor_sync(kFullWarp, last_valid, offset);
+        last_valid = other > last_valid ? other : last_valid;
       }
     }
     const double score = last_valid >= 0 ? static_cast<double>(a.scores[row]) : 0.0;
@@ -55,7 +57,8 @@ __global__ void __launch_bounds__(kThreads) kl_rewards_kernel(KlRewardsArgs a) {
       const int64_t i = base + t;
       float kl = 0.0f, reward = 0.0f;
       if (is_valid(a.mask, i)) {
-        const double d = static_cast<double>(a.logprobs[i]) - static_cast<double>(a.ref_logprobs[i]);
+        const double d =
+            static_cast<double>(a.logprobs[i]) - static_cast<double>(a.ref_logprobs[i]);
         const double k = kl_estimate(d, a.estimator);
         const double r = -static_cast<double>(a.kl_coef) * k + (t == last_valid ? score : 0.0);
         kl = static_cast<float>(k);

@@ -208,6 +208,11 @@ TEST(gae_null_mask_padding_determinism) {
     GaeOut y = run_gae(m);
     CHECK_BITWISE_EQUAL(x.adv.data(), y.adv.data(), m.n(), "advantages after scramble");
     CHECK_BITWISE_EQUAL(x.ret.data(), y.ret.data(), m.n(), "returns after scramble");
+    tu::nonfinite_masked(m.r, m.mask);
+    tu::nonfinite_masked(m.v, m.mask);
+    GaeOut z = run_gae(m);
+    CHECK_BITWISE_EQUAL(x.adv.data(), z.adv.data(), m.n(), "advantages, NaN/inf padding");
+    CHECK_BITWISE_EQUAL(x.ret.data(), z.ret.data(), m.n(), "returns, NaN/inf padding");
   }
   GaeCase big = random_gae(rng, 128, 512, MaskKind::Mixed, 0.99f, 0.95f);
   GaeOut p = run_gae(big), q = run_gae(big);
@@ -354,6 +359,9 @@ TEST(whiten_null_mask_padding_determinism) {
     tu::scramble_masked(m.x, m.mask, rng, 1, 1e5);
     std::vector<float> y = run_whiten(m);
     CHECK_BITWISE_EQUAL(x.data(), y.data(), m.n(), "after scramble");
+    tu::nonfinite_masked(m.x, m.mask);
+    std::vector<float> z = run_whiten(m);
+    CHECK_BITWISE_EQUAL(x.data(), z.data(), m.n(), "NaN/inf padding");
   }
   WhitenCase big = random_whiten(rng, 256, 777, MaskKind::Mixed, 0.3, 1.7);
   std::vector<float> p = run_whiten(big), q = run_whiten(big);
@@ -411,6 +419,9 @@ TEST(clip_edge_null_mask_padding_determinism) {
   tu::scramble_masked(x, mask, rng);
   std::vector<float> q = run_clip(6, 13, x, mask.data(), 1.0f);
   CHECK_BITWISE_EQUAL(p.data(), q.data(), 6 * 13, "after scramble");
+  tu::nonfinite_masked(x, mask);
+  std::vector<float> pz = run_clip(6, 13, x, mask.data(), 1.0f);
+  CHECK_BITWISE_EQUAL(p.data(), pz.data(), 6 * 13, "NaN/inf padding");
   std::vector<float> zero(6 * 13, 0.0f);
   std::vector<float> z = run_clip(6, 13, x, zero.data(), 1.0f);
   for (float y : z) CHECK(y == 0.0f);

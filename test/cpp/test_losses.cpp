@@ -259,6 +259,14 @@ TEST(policy_loss_null_mask_padding_determinism) {
     CHECK(tf::same_bits(x.res.approx_kl, y.res.approx_kl));
     CHECK(x.res.tokens == y.res.tokens);
     CHECK_BITWISE_EQUAL(x.grad.data(), y.grad.data(), m.n(), "grad after scramble");
+    tu::nonfinite_masked(m.lp, m.mask);
+    tu::nonfinite_masked(m.old_lp, m.mask);
+    tu::nonfinite_masked(m.adv, m.mask);
+    PolicyOut z = run_policy(m);
+    CHECK(tf::same_bits(x.res.loss, z.res.loss));
+    CHECK(tf::same_bits(x.res.clip_fraction, z.res.clip_fraction));
+    CHECK(tf::same_bits(x.res.approx_kl, z.res.approx_kl));
+    CHECK_BITWISE_EQUAL(x.grad.data(), z.grad.data(), m.n(), "grad, NaN/inf padding");
   }
   PolicyCase big = random_policy(rng, 256, 600, MaskKind::Mixed, 0.2f);
   PolicyOut p = run_policy(big), q = run_policy(big);
@@ -499,6 +507,13 @@ TEST(value_loss_null_mask_padding_determinism) {
     CHECK(tf::same_bits(x.res.clip_fraction, y.res.clip_fraction));
     CHECK(x.res.tokens == y.res.tokens);
     CHECK_BITWISE_EQUAL(x.grad.data(), y.grad.data(), m.n(), "grad after scramble");
+    tu::nonfinite_masked(m.v, m.mask);
+    tu::nonfinite_masked(m.old_v, m.mask);
+    tu::nonfinite_masked(m.ret, m.mask);
+    ValueOut z = run_value(m);
+    CHECK(tf::same_bits(x.res.loss, z.res.loss));
+    CHECK(tf::same_bits(x.res.clip_fraction, z.res.clip_fraction));
+    CHECK_BITWISE_EQUAL(x.grad.data(), z.grad.data(), m.n(), "grad, NaN/inf padding");
   }
   ValueCase big = random_value(rng, 256, 600, MaskKind::Mixed, true, 0.2f);
   ValueOut p = run_value(big), q = run_value(big);

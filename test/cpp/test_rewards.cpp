@@ -147,8 +147,8 @@ TEST(kl_rewards_score_at_last_valid_position) {
   for (int64_t b = 0; b < 4; ++b)
     for (int64_t t = 0; t < 8; ++t) {
       const float want = t == last[b] ? c.scores[b] : 0.0f;
-      CHECK(k.rewards[b * 8 + t] == want);
-      CHECK(k.kl[b * 8 + t] == 0.0f);
+      CHECK(k.rewards[b * 8 + t] == want);  // kl_coef = 0: only the score remains
+      if (c.mask[b * 8 + t] == 0.0f) CHECK(k.kl[b * 8 + t] == 0.0f);
     }
   check_kl_against_ref(c, "holes");
 }
@@ -206,6 +206,11 @@ TEST(kl_rewards_null_mask_equals_all_ones_and_padding_is_inert) {
     KlOut y = run_kl(m);
     CHECK_BITWISE_EQUAL(x.rewards.data(), y.rewards.data(), m.n(), "rewards after scramble");
     CHECK_BITWISE_EQUAL(x.kl.data(), y.kl.data(), m.n(), "kl after scramble");
+    tu::nonfinite_masked(m.lp, m.mask);
+    tu::nonfinite_masked(m.ref_lp, m.mask);
+    KlOut z = run_kl(m);
+    CHECK_BITWISE_EQUAL(x.rewards.data(), z.rewards.data(), m.n(), "rewards, NaN/inf padding");
+    CHECK_BITWISE_EQUAL(x.kl.data(), z.kl.data(), m.n(), "kl, NaN/inf padding");
   }
 }
 

@@ -121,6 +121,18 @@ inline void scramble_masked(std::vector<float>& data, const std::vector<float>& 
         data[i * inner + k] = static_cast<float>(rand_uniform(rng, -scale, scale));
 }
 
+// Puts NaN, +inf and -inf (cyclically) at masked positions: validation only checks
+// valid positions ("masked-out entries may hold anything"), so kernels must select,
+// never multiply by the mask (NaN * 0 is NaN).
+inline void nonfinite_masked(std::vector<float>& data, const std::vector<float>& mask,
+                             int64_t inner = 1) {
+  const float vals[] = {kNaN, kInf, -kInf};
+  int64_t k = 0;
+  for (size_t i = 0; i < mask.size(); ++i)
+    if (mask[i] == 0.0f)
+      for (int64_t j = 0; j < inner; ++j) data[i * inner + j] = vals[k++ % 3];
+}
+
 inline double max_abs(const std::vector<float>& v) {
   double m = 0.0;
   for (float x : v)
