@@ -14,6 +14,8 @@ export type NativeOpName = {
 export interface PreparedOp<R> {
   name: NativeOpName;
   args: object;
+  /** Native argument names to report differently in errors (e.g. values -> scores). */
+  nativeArgumentNames?: Record<string, string>;
   finish(raw: Record<string, unknown>): R;
 }
 
@@ -28,16 +30,22 @@ export async function runAsync<R>(prepare: () => PreparedOp<R>, callSite: Error)
   try {
     raw = (await (native()[op.name](op.args, true) as Promise<Record<string, unknown>>)) ?? {};
   } catch (e) {
-    throw fromNative(e, callSite);
+    throw fromNative(e, callSite, op.nativeArgumentNames);
   }
   return op.finish(raw);
 }
 
 export function runSync<R>(prepare: () => PreparedOp<R>): R {
+  const op = (() => {
+    try {
+      return prepare();
+    } catch (e) {
+      throw fromNative(e);
+    }
+  })();
   try {
-    const op = prepare();
     return op.finish(native()[op.name](op.args, false) as Record<string, unknown>);
   } catch (e) {
-    throw fromNative(e);
+    throw fromNative(e, undefined, op.nativeArgumentNames);
   }
 }

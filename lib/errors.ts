@@ -47,22 +47,28 @@ const NATIVE_ARGUMENT_NAMES: Record<string, string> = {
   clip_eps: 'clip',
 };
 
-function jsArgumentName(name: string | undefined): string | undefined {
+function jsArgumentName(name: string | undefined, names: Record<string, string>): string | undefined {
   if (name === undefined || name === '') return undefined;
-  return NATIVE_ARGUMENT_NAMES[name] ?? name;
+  return names[name] ?? name;
 }
 
 /**
  * Turns an error thrown or rejected by the addon into a PpoMaxError. `callSite`, an
  * Error created where the user called the async function, supplies the stack, so an
  * async failure points at the user's code rather than at the event loop.
+ * `opArgumentNames` renames native arguments for one op (e.g. values -> scores).
+ * A PpoMaxError thrown by our own TypeScript checks passes through with its fields.
  */
-export function fromNative(e: unknown, callSite?: Error): PpoMaxError {
+export function fromNative(e: unknown, callSite?: Error, opArgumentNames: Record<string, string> = {}): PpoMaxError {
+  const names = { ...NATIVE_ARGUMENT_NAMES, ...opArgumentNames };
   const raw = e as { code?: unknown; message?: unknown; argument?: unknown };
   const code = typeof raw?.code === 'string' && raw.code.startsWith('ERR_') ? (raw.code as ErrorCode) : 'ERR_INTERNAL';
   const message = typeof raw?.message === 'string' ? raw.message : String(e);
-  const argument = jsArgumentName(typeof raw?.argument === 'string' ? raw.argument : undefined);
+  const argument = jsArgumentName(typeof raw?.argument === 'string' ? raw.argument : undefined, names);
   let text = message;
+  if (argument !== undefined && raw?.argument !== argument && typeof raw?.argument === 'string') {
+    text = text.split(raw.argument).join(argument);
+  }
   for (const [nativeName, jsName] of Object.entries(NATIVE_ARGUMENT_NAMES)) {
     text = text.split(nativeName).join(jsName);
   }

@@ -30,6 +30,9 @@ export interface NormalizeOptions extends OpOptions {
 
 function checkState(state: unknown): RunningMomentsState {
   const s = objectArgument('state', state);
+  for (const key of ['count', 'mean', 'm2']) {
+    if (s[key] === undefined) throw invalidArgument(`state.${key}`, `state.${key} is missing: a RunningMoments state has count, mean and m2`);
+  }
   const count = numberOption('state.count', s.count, 0, { min: 0 });
   if (!Number.isInteger(count)) throw invalidArgument('state.count', `state.count must be an integer, got ${count}`);
   const mean = numberOption('state.mean', s.mean, 0);
@@ -49,6 +52,7 @@ function batchMomentsOp(values: FloatArray, options: OpOptions): PreparedOp<Runn
   const count = scoresLength(values);
   return {
     name: 'batchMoments',
+    nativeArgumentNames: { values: 'scores' },
     args: {
       count,
       values: float32('scores', values, count, `[${count}]`),
@@ -69,6 +73,7 @@ function normalizeOp(values: FloatArray, stats: { mean: number; std: number }, o
   const count = scoresLength(values);
   return {
     name: 'normalizeScores',
+    nativeArgumentNames: { values: 'scores' },
     args: {
       count,
       values: float32('scores', values, count, `[${count}]`),

@@ -8,7 +8,10 @@
 // All pointers live in the memory of the backend that runs the op (host memory for
 // the CPU backend, device memory for CUDA). Contents have already been validated by
 // core/ops.cpp: backends may assume finite inputs, tokens in range and a 0/1 mask.
-// Reductions accumulate in double so results do not depend on the thread count.
+// Reductions across positions (moments, whitening, losses) accumulate in double in a
+// fixed order, so results do not depend on the thread count. Sums over the vocabulary
+// use float partials (blocks of 256 on the CPU, a fixed tree on CUDA) combined in a
+// fixed order: deterministic, ~1e-6 relative. Token ids at masked positions are never read.
 #pragma once
 
 #include <cstdint>
@@ -75,7 +78,7 @@ struct Moments {
 };
 
 // out[i] = clip((values[i] - (subtract_mean ? mean : 0)) / (std + eps), -clip, clip)
-// with clip <= 0 meaning no clipping.
+// with clip == 0 meaning no clipping (negative clip is rejected).
 struct NormalizeScoresArgs {
   int64_t count = 0;
   const float* values = nullptr;  // [count]
@@ -106,7 +109,7 @@ struct GaeArgs {
 // Over all valid positions of the batch: n valid, mean = sum x / n,
 // var = sum (x - mean)^2 / (n - 1) (Bessel; 0 when n < 2).
 // out = (x - mean) / sqrt(var + eps) (+ mean when !shift_mean), then clipped to
-// [-clip, clip] when clip > 0. Masked positions (and every position when n == 0) get 0.
+// [-clip, clip] when clip > 0 (0: no clipping; negative is rejected). Masked positions (and every position when n == 0) get 0.
 struct WhitenArgs {
   int64_t batch = 0, steps = 0;
   const float* values = nullptr;  // [batch, steps]
