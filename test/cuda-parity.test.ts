@@ -107,9 +107,9 @@ maybe('CUDA matches the CPU', () => {
   });
 
   test.each([
-    [8, 64, 32000, 1],
-    [4, 16, 50257, 0.7],
-    [2, 8, 128256, 1.3],
+    [4, 32, 32000, 1],
+    [2, 8, 50257, 0.7],
+    [1, 4, 128256, 1.3],
   ])('logprobs and their backward on large vocabularies: [%i, %i] x %i, temperature %f', async (batch, steps, vocab, temperature) => {
     const rng = new Rng(seedOf(`cuda large ${vocab}`));
     const l = randomLayout(rng, batch, steps, 'lengths');
@@ -144,7 +144,7 @@ maybe('CUDA matches the CPU', () => {
 
   test('large sequence batches (multi-block reductions and long GAE rows)', async () => {
     const rng = new Rng(23);
-    const l = randomLayout(rng, 256, 2048, 'lengths');
+    const l = randomLayout(rng, 48, 4096, 'lengths');
     for (const spec of SPECS.filter((s) => !s.name.startsWith('logprobs'))) {
       const input = { ...l.shape, ...spec.make(rng, l) };
       await compare(spec, input, spec.variants[0], l);

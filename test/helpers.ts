@@ -6,6 +6,9 @@ import { expect } from '@jest/globals';
  */
 import { Mask, isValid } from './reference';
 
+// Bound once: global lookups are slow inside jest's vm sandbox, and these loops are long.
+const { abs, floor } = Math;
+
 export interface Tolerance {
   abs: number;
   rel: number;
@@ -27,7 +30,7 @@ export function expectClose(actual: ArrayLike<number>, expected: ArrayLike<numbe
     const a = actual[i];
     const e = expected[i];
     if (Object.is(a, e) || a === e) continue;
-    const excess = Math.abs(a - e) - (tol.abs + tol.rel * Math.abs(e));
+    const excess = abs(a - e) - (tol.abs + tol.rel * abs(e));
     if (!(excess <= 0)) {
       bad++;
       if (worst < 0 || !(excess <= worstExcess)) {
@@ -40,7 +43,7 @@ export function expectClose(actual: ArrayLike<number>, expected: ArrayLike<numbe
     throw new Error(
       `${label}: ${bad} of ${actual.length} elements outside abs ${tol.abs} + rel ${tol.rel}; ` +
         `worst at [${worst}]: got ${fmt(actual[worst])}, expected ${fmt(expected[worst])} ` +
-        `(|diff| ${fmt(Math.abs(actual[worst] - expected[worst]))})`,
+        `(|diff| ${fmt(abs(actual[worst] - expected[worst]))})`,
     );
   }
 }
@@ -71,7 +74,7 @@ export function expectBitEqual(a: Float32Array, b: Float32Array, label = 'values
 export function expectZeroWhereMasked(values: ArrayLike<number>, mask: Mask, inner = 1, label = 'values'): void {
   if (!mask) return;
   for (let i = 0; i < values.length; i++) {
-    const r = Math.floor(i / inner);
+    const r = floor(i / inner);
     if (!isValid(mask, r) && values[i] !== 0) {
       throw new Error(`${label}[${i}] is ${values[i]} at a padded position, expected 0`);
     }

@@ -16,14 +16,18 @@ export function isValid(mask: Mask, i: number): boolean {
 
 // ---- seeded PRNG ------------------------------------------------------------------------------
 
+// Bound once: under jest's vm sandbox every lookup of a global such as Math is slow,
+// which matters for the millions of draws a large logits tensor needs.
+const { imul, sqrt, log, cos, floor, PI, exp, min, max } = Math;
+
 /** mulberry32: a tiny, fast, seedable 32-bit PRNG; returns floats in [0, 1). */
 export function mulberry32(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;
     let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    t = imul(t ^ (t >>> 15), t | 1);
+    t ^= t + imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
@@ -42,13 +46,13 @@ export class Rng {
   }
   /** Integer in [0, n). */
   int(n: number): number {
-    return Math.floor(this.next() * n);
+    return floor(this.next() * n);
   }
   /** Standard normal (Box-Muller). */
   normal(): number {
     const u = 1 - this.next();
     const v = this.next();
-    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
+    return sqrt(-2 * log(u)) * cos(2 * PI * v);
   }
   bool(p = 0.5): boolean {
     return this.next() < p;
@@ -60,7 +64,9 @@ export class Rng {
     return out;
   }
   normals(n: number, scale = 1, shift = 0): Float32Array {
-    return this.floats(n, () => shift + scale * this.normal());
+    const out = new Float32Array(n);
+    for (let i = 0; i < n; i++) out[i] = shift + scale * this.normal();
+    return out;
   }
   uniforms(n: number, lo: number, hi: number): Float32Array {
     return this.floats(n, () => this.uniform(lo, hi));
@@ -152,13 +158,13 @@ export interface LogprobsRef {
 /** log softmax(z / T) of one row, in float64 (entries of -Infinity stay -Infinity). */
 export function logSoftmax(z: Nums, temperature: number): number[] {
   const n = z.length;
-  let max = -Infinity;
-  for (let v = 0; v < n; v++) max = Math.max(max, z[v] / temperature);
+  let top = -Infinity;
+  for (let v = 0; v < n; v++) top = max(top, z[v] / temperature);
   let sum = 0;
-  for (let v = 0; v < n; v++) sum += Math.exp(z[v] / temperature - max);
-  const logSum = Math.log(sum);
+  for (let v = 0; v < n; v++) sum += exp(z[v] / temperature - top);
+  const logSum = log(sum);
   const out = new Array<number>(n);
-  for (let v = 0; v < n; v++) out[v] = z[v] / temperature - max - logSum;
+  for (let v = 0; v < n; v++) out[v] = z[v] / temperature - top - logSum;
   return out;
 }
 
@@ -166,7 +172,7 @@ export function logSoftmax(z: Nums, temperature: number): number[] {
 export function entropyOf(logp: number[]): number {
   let h = 0;
   for (const lp of logp) {
-    const p = Math.exp(lp);
+    const p = exp(lp);
     if (p > 0) h -= p * lp;
   }
   return h;
@@ -219,7 +225,7 @@ export function refLogprobsGrad(
     const logp = logSoftmax(row, temperature);
     const H = entropyOf(logp);
     for (let v = 0; v < vocab; v++) {
-      const p = Math.exp(logp[v]);
+      const p = exp(logp[v]);
       const dLogp = (v === tokens[r] ? 1 : 0) - p;
       const dH = p > 0 ? -p * (logp[v] + H) : 0;
       grad[r * vocab + v] = (g * dLogp + h * dH) / temperature;
@@ -256,7 +262,7 @@ export type Estimator = 'k1' | 'k2' | 'k3';
 export function klEstimate(d: number, estimator: Estimator): number {
   if (estimator === 'k1') return d;
   if (estimator === 'k2') return (d * d) / 2;
-  return Math.exp(-d) - 1 + d;
+  return exp(-d) - 1 + d;
 }
 
 export function refKlRewards(
@@ -305,7 +311,7 @@ export function refMoments(values: Nums): MomentsRef {
 
 /** Bessel-corrected standard deviation; 0 with fewer than two values. */
 export function besselStd(m: MomentsRef): number {
-  return m.count < 2 ? 0 : Math.sqrt(m.m2 / (m.count - 1));
+  return m.count < 2 ? 0 : sqrt(m.m2 / (m.count - 1));
 }
 
 export function refNormalize(
@@ -319,7 +325,7 @@ export function refNormalize(
   const out: number[] = [];
   for (let i = 0; i < values.length; i++) {
     let x = (values[i] - (subtract ? mean : 0)) / (std + eps);
-    if (opts.clip != null && opts.clip > 0) x = Math.min(opts.clip, Math.max(-opts.clip, x));
+    if (opts.clip != null && opts.clip > 0) x = min(opts.clip, max(-opts.clip, x));
     out.push(x);
   }
   return out;
@@ -375,9 +381,9 @@ export function refWhiten(
   const variance = valid.length < 2 ? 0 : valid.reduce((s, x) => s + (x - mean) ** 2, 0) / (valid.length - 1);
   for (let i = 0; i < n; i++) {
     if (!isValid(mask, i)) continue;
-    let x = (values[i] - mean) / Math.sqrt(variance + eps);
+    let x = (values[i] - mean) / sqrt(variance + eps);
     if (!shiftMean) x += mean;
-    if (opts.clip !== undefined && opts.clip > 0) x = Math.min(opts.clip, Math.max(-opts.clip, x));
+    if (opts.clip !== undefined && opts.clip > 0) x = min(opts.clip, max(-opts.clip, x));
     out[i] = x;
   }
   return out;
@@ -385,7 +391,7 @@ export function refWhiten(
 
 export function refClip(values: Nums, mask: Mask, clip: number): number[] {
   const out: number[] = [];
-  for (let i = 0; i < values.length; i++) out.push(isValid(mask, i) ? Math.min(clip, Math.max(-clip, values[i])) : 0);
+  for (let i = 0; i < values.length; i++) out.push(isValid(mask, i) ? min(clip, max(-clip, values[i])) : 0);
   return out;
 }
 
@@ -412,11 +418,11 @@ export function refPolicyLoss(logprobs: Nums, oldLogprobs: Nums, advantages: Num
     if (!isValid(mask, i)) continue;
     const A = advantages[i];
     const logRatio = logprobs[i] - oldLogprobs[i];
-    const ratio = Math.exp(logRatio);
-    const clippedRatio = Math.min(1 + clipEps, Math.max(1 - clipEps, ratio));
+    const ratio = exp(logRatio);
+    const clippedRatio = min(1 + clipEps, max(1 - clipEps, ratio));
     const unclippedTerm = -A * ratio;
     const clippedTerm = -A * clippedRatio;
-    loss += Math.max(unclippedTerm, clippedTerm);
+    loss += max(unclippedTerm, clippedTerm);
     if (clippedTerm > unclippedTerm) clipped++;
     else grad[i] = (-A * ratio) / N;
     kl += ratio - 1 - logRatio;
@@ -450,9 +456,9 @@ export function refValueLoss(values: Nums, oldValues: Nums, returns: Nums, mask:
       grad[i] = (V - R) / N;
       continue;
     }
-    const vc = Math.min(oldValues[i] + clipEps, Math.max(oldValues[i] - clipEps, V));
+    const vc = min(oldValues[i] + clipEps, max(oldValues[i] - clipEps, V));
     const sqClipped = (vc - R) ** 2;
-    loss += 0.5 * Math.max(sq, sqClipped);
+    loss += 0.5 * max(sq, sqClipped);
     if (sqClipped > sq) clipped++;
     else grad[i] = (V - R) / N;
   }

@@ -377,13 +377,17 @@ describe.each(OPS.map((op) => [op.name, op] as [string, OpDef]))('%s validation'
 
   test('async forms reject, never throw synchronously, for every kind of failure', () => {
     const { input, options } = fresh(op);
+    const [firstFloat] = op.floats[0];
+    const withNaN = { ...input, [firstFloat]: Float32Array.from(input[firstFloat] as Float32Array).fill(NaN, 0, 1) };
     const failing: [any, any][] = [
-      [null, options],
+      [null, options], // found in TypeScript
       [{ ...input, batch: 0 }, options],
       [{ ...input, mask: new Float32Array(1) }, options],
       [input, { ...options, device: 'tpu' }],
-      [input, { ...options, device: 'cuda', ...(ppo.cudaAvailable() ? { temperature: -1, clip: -1, gamma: 2 } : {}) }],
+      [withNaN, options], // found natively, on the worker thread
+      [{ ...input, mask: Float32Array.from([1, 0.5, 1, 1, 1, 1]) }, options],
     ];
+    if (!ppo.cudaAvailable()) failing.push([input, { ...options, device: 'cuda' }]);
     const promises = failing.map(([i, o]) => {
       let p: Promise<unknown> | undefined;
       expect(() => {
