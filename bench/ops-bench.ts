@@ -155,36 +155,44 @@ async function main(): Promise<void> {
   const seq = { batch: B, steps: T, mask };
   const adv = ts.gae(ts.klRewards(lp, ref, scores, mask, 0.05), values, mask, 1, 0.95);
   const newValues = values.map((x) => x + 0.1);
-  const cases: [string, () => unknown, () => unknown][] = [
+  const cases: [string, (sync: boolean) => unknown, () => unknown][] = [
     [
       'logprobs + entropy',
-      () => ppo.logprobsFromLogits({ batch: LP_B, steps: T, vocab: V, logits, tokens }, { entropy: true, device }),
+      (sync) => (sync ? ppo.logprobsFromLogitsSync : ppo.logprobsFromLogits)({ batch: LP_B, steps: T, vocab: V, logits, tokens }, { entropy: true, device }),
       () => ts.logprobs(logits, tokens, lpRows, V, new Float32Array(lpRows)),
     ],
     [
       'KL-penalized rewards',
-      () => ppo.klPenalizedRewards({ ...seq, logprobs: lp, refLogprobs: ref, scores }, { device }),
+      (sync) => (sync ? ppo.klPenalizedRewardsSync : ppo.klPenalizedRewards)({ ...seq, logprobs: lp, refLogprobs: ref, scores }, { device }),
       () => ts.klRewards(lp, ref, scores, mask, 0.05),
     ],
-    ['GAE', () => ppo.gae({ ...seq, rewards: lp, values }, { device }), () => ts.gae(lp, values, mask, 1, 0.95)],
-    ['whiten', () => ppo.whiten({ ...seq, values: adv.adv }, { device }), () => ts.whiten(adv.adv, mask)],
+    ['GAE', (sync) => (sync ? ppo.gaeSync : ppo.gae)({ ...seq, rewards: lp, values }, { device }), () => ts.gae(lp, values, mask, 1, 0.95)],
+    ['whiten', (sync) => (sync ? ppo.whitenSync : ppo.whiten)({ ...seq, values: adv.adv }, { device }), () => ts.whiten(adv.adv, mask)],
     [
       'policy loss',
-      () => ppo.policyLoss({ ...seq, logprobs: ref, oldLogprobs: lp, advantages: adv.adv }, { device }),
+      (sync) => (sync ? ppo.policyLossSync : ppo.policyLoss)({ ...seq, logprobs: ref, oldLogprobs: lp, advantages: adv.adv }, { device }),
       () => ts.policyLoss(ref, lp, adv.adv, mask, 0.2),
     ],
     [
       'value loss',
-      () => ppo.valueLoss({ ...seq, values: newValues, oldValues: values, returns: adv.ret }, { device }),
+      (sync) => (sync ? ppo.valueLossSync : ppo.valueLoss)({ ...seq, values: newValues, oldValues: values, returns: adv.ret }, { device }),
       () => ts.valueLoss(newValues, values, adv.ret, mask, 0.2),
     ],
   ];
-  console.log(`${'op'.padEnd(24)}${'ppo-max ms'.padStart(12)}${'TypeScript ms'.padStart(15)}${'speed-up'.padStart(10)}`);
+  console.log(
+    `${'op'.padEnd(24)}${'async ms'.padStart(10)}${'sync ms'.padStart(10)}${'TypeScript ms'.padStart(15)}` +
+      `${'async x'.padStart(9)}${'sync x'.padStart(9)}`,
+  );
   for (const [name, native, plain] of cases) {
-    const a = await median(native);
+    const a = await median(() => native(false));
+    const s = await median(() => native(true));
     const b = await median(plain);
-    console.log(`${name.padEnd(24)}${a.toFixed(2).padStart(12)}${b.toFixed(2).padStart(15)}${(b / a).toFixed(1).padStart(9)}x`);
+    console.log(
+      `${name.padEnd(24)}${a.toFixed(2).padStart(10)}${s.toFixed(2).padStart(10)}${b.toFixed(2).padStart(15)}` +
+        `${(b / a).toFixed(1).padStart(8)}x${(b / s).toFixed(1).padStart(8)}x`,
+    );
   }
+  console.log('\nasync: the promise form (worker thread + promise settle); sync: the Sync twin on the calling thread.');
 }
 
 main().catch((e) => {

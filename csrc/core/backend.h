@@ -25,6 +25,10 @@ struct Backend {
   void (*copy_to_device)(void* device_dst, const void* host_src, size_t bytes);
   void (*copy_to_host)(void* host_dst, const void* device_src, size_t bytes);
   bool host_memory;  // true when backend pointers are host pointers (no staging)
+  // True when the logprobs kernels check each logits row (NaN, +inf, all -inf, taken
+  // token -inf) as they read it, throwing the same errors as validate::logits_rows:
+  // one pass over memory instead of two for the largest input of all.
+  bool checks_logits_inline;
 
   // Ops (see core/op_args.h for the exact math). Each throws ppo::Error on failure.
   void (*logprobs_forward)(const LogprobsArgs& args);

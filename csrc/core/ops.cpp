@@ -96,8 +96,9 @@ void check_sequence_input(const float* values, const float* mask, int64_t batch,
 
 void check_output(const void* ptr, const char* name) { validate::present(ptr, name); }
 
-void check_logprobs_inputs(int64_t batch, int64_t steps, int64_t vocab, const float* logits,
-                           const int32_t* tokens, const float* mask, float temperature) {
+void check_logprobs_inputs(const Backend& backend, int64_t batch, int64_t steps, int64_t vocab,
+                           const float* logits, const int32_t* tokens, const float* mask,
+                           float temperature) {
   check_sequence_shape(batch, steps);
   validate::positive_size(vocab, "vocab");
   validate::present(logits, "logits");
@@ -106,6 +107,7 @@ void check_logprobs_inputs(int64_t batch, int64_t steps, int64_t vocab, const fl
   const int64_t rows = batch * steps;
   validate::mask_values(mask, rows);
   validate::tokens_in_range(tokens, mask, rows, vocab);
+  if (backend.checks_logits_inline) return;
   parallel_check(rows, 16, [&](int64_t lo, int64_t hi) {
     validate::logits_rows(logits, tokens, mask, lo, hi, vocab);
   });
@@ -114,9 +116,9 @@ void check_logprobs_inputs(int64_t batch, int64_t steps, int64_t vocab, const fl
 }  // namespace
 
 void logprobs_from_logits(Device device, const LogprobsArgs& a) {
-  check_logprobs_inputs(a.batch, a.steps, a.vocab, a.logits, a.tokens, a.mask, a.temperature);
-  check_output(a.logprobs, "logprobs");
   const Backend& be = backend_for(device);
+  check_logprobs_inputs(be, a.batch, a.steps, a.vocab, a.logits, a.tokens, a.mask, a.temperature);
+  check_output(a.logprobs, "logprobs");
   const int64_t rows = a.batch * a.steps;
   Staging st(be);
   LogprobsArgs d = a;
@@ -130,12 +132,12 @@ void logprobs_from_logits(Device device, const LogprobsArgs& a) {
 }
 
 void logprobs_backward(Device device, const LogprobsBackwardArgs& a) {
-  check_logprobs_inputs(a.batch, a.steps, a.vocab, a.logits, a.tokens, a.mask, a.temperature);
+  const Backend& be = backend_for(device);
+  check_logprobs_inputs(be, a.batch, a.steps, a.vocab, a.logits, a.tokens, a.mask, a.temperature);
   check_output(a.grad_logits, "grad_logits");
   const int64_t rows = a.batch * a.steps;
   if (a.grad_logprobs) check_sequence_input(a.grad_logprobs, a.mask, a.batch, a.steps, "grad_logprobs");
   if (a.grad_entropy) check_sequence_input(a.grad_entropy, a.mask, a.batch, a.steps, "grad_entropy");
-  const Backend& be = backend_for(device);
   Staging st(be);
   LogprobsBackwardArgs d = a;
   d.logits = st.in(a.logits, rows * a.vocab);

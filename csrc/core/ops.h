@@ -5,6 +5,9 @@
 //   2. stages the data on the device's memory (a no-op on the CPU);
 //   3. runs the backend's kernel and copies the outputs back.
 // The math of each op is in core/op_args.h.
+// When a check fails, no output has been written, with one exception: the CPU
+// logprobs kernels check each logits row as they read it (saving a whole pass over
+// the largest input), so bad logits may leave their outputs partly written.
 #pragma once
 
 #include "core/backend.h"

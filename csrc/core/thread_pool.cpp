@@ -40,6 +40,7 @@ class ThreadPool {
       chunks_ = chunks;
       pending_ = chunks - 1;
       error_ = nullptr;
+      error_chunk_ = 0;
       ++generation_;
     }
     wake_.notify_all();
@@ -56,8 +57,13 @@ class ThreadPool {
     try {
       (*job_)(index);
     } catch (...) {
+      // Keep the error of the lowest chunk, i.e. of the first offending item: which
+      // error a caller sees must not depend on thread timing.
       std::lock_guard<std::mutex> lock(mutex_);
-      if (!error_) error_ = std::current_exception();
+      if (!error_ || index < error_chunk_) {
+        error_ = std::current_exception();
+        error_chunk_ = index;
+      }
     }
     t_inside_pool = false;
   }
@@ -89,6 +95,7 @@ class ThreadPool {
   uint64_t generation_ = 0;
   bool stopping_ = false;
   std::exception_ptr error_;
+  int error_chunk_ = 0;
 };
 
 int configured_threads() {

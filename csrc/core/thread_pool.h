@@ -15,7 +15,8 @@ int cpu_thread_count();
 
 // Calls fn(begin, end) on disjoint chunks covering [0, n), in parallel, and waits.
 // Runs inline when n is small or when called from inside a pool thread.
-// Exceptions thrown by fn are rethrown in the caller (the first one wins).
+// An exception thrown by fn is rethrown in the caller; when several chunks throw,
+// the lowest chunk's (the first offending item's) is the one rethrown.
 void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn,
                   int64_t min_chunk = 1);
 

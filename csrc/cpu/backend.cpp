@@ -33,6 +33,7 @@ const Backend& cpu_backend() {
       host_copy,
       host_copy,
       /*host_memory=*/true,
+      /*checks_logits_inline=*/true,
       cpu::logprobs_forward,
       cpu::logprobs_backward,
       cpu::kl_penalized_rewards,

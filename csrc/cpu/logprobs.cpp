@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/thread_pool.h"
+#include "core/validate.h"
 #include "cpu/kernels.h"
 #include "cpu/vec_math.h"
 
@@ -19,23 +20,62 @@ constexpr int64_t kBlock = 256;
 // log p_v = (z_v - max) - log_sum, with z = logits / temperature. Keeping max and
 // log_sum apart (rather than lse = max + log_sum) keeps full precision when the
 // logits are large: z_v - max is exact-ish in float, log_sum is small.
+// One valid (b, t) position: its logits and taken token, plus what an error message
+// needs to name the entry in the whole batch.
+struct LogitsRow {
+  const float* logits;  // [vocab] of this row
+  int32_t token;
+  int64_t index;        // b * steps + t
+  int64_t vocab;
+  const float* all_logits;
+  const int32_t* all_tokens;
+};
+
+LogitsRow logits_row(const float* logits, const int32_t* tokens, int64_t r, int64_t vocab) {
+  return {logits + r * vocab, tokens[r], r, vocab, logits, tokens};
+}
+
 struct RowStats {
   float max;       // max_v z_v
   double log_sum;  // log sum_v exp(z_v - max)
   double entropy;  // -sum_v p_v log p_v (only when asked)
 };
 
+// max_v z_v, and (fused into the same pass, since the row is read from memory once
+// here) the count of entries that are NaN or +inf and of those that are finite.
+struct RowScan {
+  float max;
+  int32_t bad;     // NaN or +inf
+  int32_t finite;  // neither NaN nor +-inf
+};
+
 PPO_CPU_MULTIVERSION
-float row_max(const float* x, int64_t n, float inv_temp) {
+RowScan row_scan(const float* x, int64_t n, float inv_temp) {
   float lanes[kLanes];
+  int32_t bad[kLanes] = {}, finite[kLanes] = {};
   for (int j = 0; j < kLanes; ++j) lanes[j] = -INFINITY;
   int64_t v = 0;
-  for (; v + kLanes <= n; v += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] = std::max(lanes[j], x[v + j] * inv_temp);
-  float m = -INFINITY;
-  for (int j = 0; j < kLanes; ++j) m = std::max(m, lanes[j]);
-  for (; v < n; ++v) m = std::max(m, x[v] * inv_temp);
-  return m;
+  for (; v + kLanes <= n; v += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float xv = x[v + j];
+      lanes[j] = std::max(lanes[j], xv * inv_temp);
+      bad[j] += (xv != xv) | (xv == INFINITY);
+      finite[j] += (xv - xv) == 0.0f;
+    }
+  }
+  RowScan scan{-INFINITY, 0, 0};
+  for (int j = 0; j < kLanes; ++j) {
+    scan.max = std::max(scan.max, lanes[j]);
+    scan.bad += bad[j];
+    scan.finite += finite[j];
+  }
+  for (; v < n; ++v) {
+    const float xv = x[v];
+    scan.max = std::max(scan.max, xv * inv_temp);
+    scan.bad += (xv != xv) | (xv == INFINITY);
+    scan.finite += (xv - xv) == 0.0f;
+  }
+  return scan;
 }
 
 // Returns sum_v e_v and, via weighted, sum_v e_v (z_v - max), where e_v = exp(z_v - max).
@@ -79,9 +119,22 @@ double row_exp_sums(const float* x, int64_t n, float inv_temp, float max, double
   return total;
 }
 
-RowStats row_stats(const float* logits, int64_t vocab, float inv_temp, bool want_entropy) {
+// The checks of validate::logits_rows, done on the scan of the row: on a bad row,
+// validate::logits_rows itself finds the entry and throws its precise error.
+void check_row(const LogitsRow& row, const RowScan& scan) {
+  if (scan.bad > 0 || scan.finite == 0 || !std::isfinite(row.logits[row.token])) {
+    validate::logits_rows(row.all_logits, row.all_tokens, nullptr, row.index, row.index + 1,
+                          row.vocab);
+  }
+}
+
+RowStats row_stats(const LogitsRow& row, float inv_temp, bool want_entropy) {
+  const float* logits = row.logits;
+  const int64_t vocab = row.vocab;
+  const RowScan scan = row_scan(logits, vocab, inv_temp);
+  check_row(row, scan);
   RowStats st;
-  st.max = row_max(logits, vocab, inv_temp);
+  st.max = scan.max;
   double weighted = 0.0;
   const double sum = row_exp_sums(logits, vocab, inv_temp, st.max, &weighted);
   st.log_sum = std::log(sum);
@@ -117,9 +170,9 @@ void logprobs_forward(const LogprobsArgs& a) {
             if (a.entropy) a.entropy[r] = 0.0f;
             continue;
           }
-          const float* row = a.logits + r * a.vocab;
-          RowStats st = row_stats(row, a.vocab, inv_temp, a.entropy != nullptr);
-          a.logprobs[r] = static_cast<float>(double(row[a.tokens[r]] * inv_temp - st.max) - st.log_sum);
+          const LogitsRow row = logits_row(a.logits, a.tokens, r, a.vocab);
+          RowStats st = row_stats(row, inv_temp, a.entropy != nullptr);
+          a.logprobs[r] = static_cast<float>(double(row.logits[row.token] * inv_temp - st.max) - st.log_sum);
           if (a.entropy) a.entropy[r] = static_cast<float>(st.entropy);
         }
       },
@@ -136,13 +189,18 @@ void logprobs_backward(const LogprobsBackwardArgs& a) {
           float* grad = a.grad_logits + r * a.vocab;
           const float g_lp = a.grad_logprobs ? a.grad_logprobs[r] : 0.0f;
           const float g_h = a.grad_entropy ? a.grad_entropy[r] : 0.0f;
-          if ((a.mask && a.mask[r] == 0.0f) || (g_lp == 0.0f && g_h == 0.0f)) {
+          if (a.mask && a.mask[r] == 0.0f) {
             std::fill(grad, grad + a.vocab, 0.0f);
             continue;
           }
-          const float* row = a.logits + r * a.vocab;
-          RowStats st = row_stats(row, a.vocab, inv_temp, g_h != 0.0f);
-          row_backward(row, a.vocab, inv_temp, st.max, static_cast<float>(st.log_sum),
+          const LogitsRow row = logits_row(a.logits, a.tokens, r, a.vocab);
+          if (g_lp == 0.0f && g_h == 0.0f) {  // zero gradient: check the row, skip the math
+            check_row(row, row_scan(row.logits, a.vocab, inv_temp));
+            std::fill(grad, grad + a.vocab, 0.0f);
+            continue;
+          }
+          RowStats st = row_stats(row, inv_temp, g_h != 0.0f);
+          row_backward(row.logits, a.vocab, inv_temp, st.max, static_cast<float>(st.log_sum),
                        static_cast<float>(st.entropy), g_lp, g_h, grad);
           grad[a.tokens[r]] += g_lp * inv_temp;
         }

@@ -148,6 +148,7 @@ Backend make_backend() {
   b.copy_to_device = copy_host_to_device;
   b.copy_to_host = copy_device_to_host;
   b.host_memory = false;
+  b.checks_logits_inline = false;  // the host checks them before the copy to the GPU
   b.logprobs_forward = logprobs_forward;
   b.logprobs_backward = logprobs_backward;
   b.kl_penalized_rewards = kl_penalized_rewards;

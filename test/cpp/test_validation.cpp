@@ -136,6 +136,26 @@ TEST(logprobs_rejects_nan_and_pos_inf_logits) {
   CHECK_THROWS_CODE(h.backward(), ErrorCode::NonFinite, "logits");
 }
 
+// Rows are checked in parallel inside the kernel; with several bad rows the error must
+// name the first one, whatever the thread timing (run it many times to catch a race).
+TEST(logprobs_reports_the_first_bad_row) {
+  const int64_t b = 16, t = 16, v = 4096;  // 256 rows x 4096: split across threads
+  for (int rep = 0; rep < 20; ++rep) {
+    LogprobsFixture f(b, t, v);
+    const int64_t first = 7 * v + 5, later = 250 * v + 1;
+    f.logits[first] = kNaN;
+    f.logits[later] = kNaN;
+    bool threw = false;
+    try {
+      f.forward();
+    } catch (const ppo::Error& e) {
+      threw = true;
+      CHECK(std::string(e.what()).find("logits[" + std::to_string(first) + "]") != std::string::npos);
+    }
+    CHECK(threw);
+  }
+}
+
 TEST(logprobs_neg_inf_logits_allowed_for_non_taken_tokens_only) {
   LogprobsFixture f;
   for (int64_t i = 0; i < B * T; ++i)
@@ -227,14 +247,17 @@ TEST(logprobs_rejects_missing_pointers) {
   }
 }
 
+// The CPU logprobs kernels check each logits row as they read it (ops.h), so their
+// outputs may be partly written when the logits are bad; every other input of every
+// op is checked before any output is touched.
 TEST(errors_leave_outputs_untouched) {
   LogprobsFixture f;
   std::fill(f.lp.begin(), f.lp.end(), 123.0f);
   std::fill(f.ent.begin(), f.ent.end(), 123.0f);
   std::fill(f.grad.begin(), f.grad.end(), 123.0f);
-  f.logits.back() = kNaN;
-  CHECK_THROWS_CODE(f.forward(), ErrorCode::NonFinite, "logits");
-  CHECK_THROWS_CODE(f.backward(), ErrorCode::NonFinite, "logits");
+  f.tokens.back() = static_cast<int32_t>(V);  // out of range: checked before the kernel
+  CHECK_THROWS_CODE(f.forward(), ErrorCode::OutOfRange, "tokens");
+  CHECK_THROWS_CODE(f.backward(), ErrorCode::OutOfRange, "tokens");
   for (float x : f.lp) CHECK(x == 123.0f);
   for (float x : f.ent) CHECK(x == 123.0f);
   for (float x : f.grad) CHECK(x == 123.0f);
