@@ -26,6 +26,23 @@ KlEstimator parse_estimator(const std::string& name) {
   throw_invalid("estimator must be 'k1', 'k2' or 'k3', got '" + name + "'", "estimator");
 }
 
+// The [batch, steps] layout every sequence op starts with.
+struct SequenceShape {
+  int64_t batch, steps, rows;
+};
+SequenceShape read_shape(OpCall& call) {
+  const int64_t batch = call.size("batch"), steps = call.size("steps");
+  return {batch, steps, batch * steps};
+}
+
+// Finishes an op whose only results are its output arrays.
+template <typename Args>
+Napi::Value run_op(OpCall& call, const Napi::CallbackInfo& info, const Args& args,
+                   void (*op)(Device, const Args&)) {
+  const Device device = call.device();
+  return call.finish([args, device, op](OpCall::Scalars&) { op(device, args); }, is_async(info));
+}
+
 Napi::Value LogprobsFromLogits(const Napi::CallbackInfo& info) {
   OpCall call(args_object(info));
   LogprobsArgs a;
@@ -39,9 +56,7 @@ Napi::Value LogprobsFromLogits(const Napi::CallbackInfo& info) {
   a.temperature = static_cast<float>(call.number("temperature"));
   a.logprobs = call.output("logprobs", rows);
   if (call.flag("entropy", false)) a.entropy = call.output("entropy", rows);
-  Device device = call.device();
-  return call.finish([a, device](OpCall::Scalars&) { logprobs_from_logits(device, a); },
-                     is_async(info));
+  return run_op(call, info, a, logprobs_from_logits);
 }
 
 Napi::Value LogprobsBackward(const Napi::CallbackInfo& info) {
@@ -58,17 +73,16 @@ Napi::Value LogprobsBackward(const Napi::CallbackInfo& info) {
   a.grad_logprobs = call.f32("gradLogprobs", rows, true);
   a.grad_entropy = call.f32("gradEntropy", rows, true);
   a.grad_logits = call.output("gradLogits", rows * a.vocab);
-  Device device = call.device();
-  return call.finish([a, device](OpCall::Scalars&) { logprobs_backward(device, a); },
-                     is_async(info));
+  return run_op(call, info, a, logprobs_backward);
 }
 
 Napi::Value KlPenalizedRewards(const Napi::CallbackInfo& info) {
   OpCall call(args_object(info));
   KlRewardsArgs a;
-  a.batch = call.size("batch");
-  a.steps = call.size("steps");
-  const int64_t rows = a.batch * a.steps;
+  const SequenceShape shape = read_shape(call);
+  a.batch = shape.batch;
+  a.steps = shape.steps;
+  const int64_t rows = shape.rows;
   a.logprobs = call.f32("logprobs", rows);
   a.ref_logprobs = call.f32("refLogprobs", rows);
   a.scores = call.f32("scores", a.batch);
@@ -77,9 +91,7 @@ Napi::Value KlPenalizedRewards(const Napi::CallbackInfo& info) {
   a.estimator = parse_estimator(call.string("estimator", "k1"));
   a.rewards = call.output("rewards", rows);
   a.kl = call.output("kl", rows);
-  Device device = call.device();
-  return call.finish([a, device](OpCall::Scalars&) { kl_penalized_rewards(device, a); },
-                     is_async(info));
+  return run_op(call, info, a, kl_penalized_rewards);
 }
 
 Napi::Value BatchMoments(const Napi::CallbackInfo& info) {
@@ -107,17 +119,16 @@ Napi::Value NormalizeScores(const Napi::CallbackInfo& info) {
   a.eps = static_cast<float>(call.number("eps"));
   a.clip = static_cast<float>(call.number("clip"));
   a.out = call.output("scores", a.count);
-  Device device = call.device();
-  return call.finish([a, device](OpCall::Scalars&) { normalize_scores(device, a); },
-                     is_async(info));
+  return run_op(call, info, a, normalize_scores);
 }
 
 Napi::Value Gae(const Napi::CallbackInfo& info) {
   OpCall call(args_object(info));
   GaeArgs a;
-  a.batch = call.size("batch");
-  a.steps = call.size("steps");
-  const int64_t rows = a.batch * a.steps;
+  const SequenceShape shape = read_shape(call);
+  a.batch = shape.batch;
+  a.steps = shape.steps;
+  const int64_t rows = shape.rows;
   a.rewards = call.f32("rewards", rows);
   a.values = call.f32("values", rows);
   a.mask = call.f32("mask", rows, true);
@@ -125,46 +136,46 @@ Napi::Value Gae(const Napi::CallbackInfo& info) {
   a.lambda = static_cast<float>(call.number("lambda"));
   a.advantages = call.output("advantages", rows);
   a.returns = call.output("returns", rows);
-  Device device = call.device();
-  return call.finish([a, device](OpCall::Scalars&) { gae(device, a); }, is_async(info));
+  return run_op(call, info, a, gae);
 }
 
 Napi::Value Whiten(const Napi::CallbackInfo& info) {
   OpCall call(args_object(info));
   WhitenArgs a;
-  a.batch = call.size("batch");
-  a.steps = call.size("steps");
-  const int64_t rows = a.batch * a.steps;
+  const SequenceShape shape = read_shape(call);
+  a.batch = shape.batch;
+  a.steps = shape.steps;
+  const int64_t rows = shape.rows;
   a.values = call.f32("values", rows);
   a.mask = call.f32("mask", rows, true);
   a.shift_mean = call.flag("shiftMean", true);
   a.eps = static_cast<float>(call.number("eps"));
   a.clip = static_cast<float>(call.number("clip"));
   a.out = call.output("values", rows);
-  Device device = call.device();
-  return call.finish([a, device](OpCall::Scalars&) { whiten(device, a); }, is_async(info));
+  return run_op(call, info, a, whiten);
 }
 
 Napi::Value ClipMasked(const Napi::CallbackInfo& info) {
   OpCall call(args_object(info));
   ClipArgs a;
-  a.batch = call.size("batch");
-  a.steps = call.size("steps");
-  const int64_t rows = a.batch * a.steps;
+  const SequenceShape shape = read_shape(call);
+  a.batch = shape.batch;
+  a.steps = shape.steps;
+  const int64_t rows = shape.rows;
   a.values = call.f32("values", rows);
   a.mask = call.f32("mask", rows, true);
   a.clip = static_cast<float>(call.number("clip"));
   a.out = call.output("values", rows);
-  Device device = call.device();
-  return call.finish([a, device](OpCall::Scalars&) { clip_masked(device, a); }, is_async(info));
+  return run_op(call, info, a, clip_masked);
 }
 
 Napi::Value PolicyLoss(const Napi::CallbackInfo& info) {
   OpCall call(args_object(info));
   PolicyLossArgs a;
-  a.batch = call.size("batch");
-  a.steps = call.size("steps");
-  const int64_t rows = a.batch * a.steps;
+  const SequenceShape shape = read_shape(call);
+  a.batch = shape.batch;
+  a.steps = shape.steps;
+  const int64_t rows = shape.rows;
   a.logprobs = call.f32("logprobs", rows);
   a.old_logprobs = call.f32("oldLogprobs", rows);
   a.advantages = call.f32("advantages", rows);
@@ -186,9 +197,10 @@ Napi::Value PolicyLoss(const Napi::CallbackInfo& info) {
 Napi::Value ValueLoss(const Napi::CallbackInfo& info) {
   OpCall call(args_object(info));
   ValueLossArgs a;
-  a.batch = call.size("batch");
-  a.steps = call.size("steps");
-  const int64_t rows = a.batch * a.steps;
+  const SequenceShape shape = read_shape(call);
+  a.batch = shape.batch;
+  a.steps = shape.steps;
+  const int64_t rows = shape.rows;
   a.values = call.f32("values", rows);
   a.old_values = call.f32("oldValues", rows);
   a.returns = call.f32("returns", rows);
