@@ -114,7 +114,10 @@ export function sequenceMask(shape: SequenceShape): Float32Array | null {
     checkLength('lengths', lengths, batch, `[batch=${batch}]`);
     const mask = new Float32Array(batch * steps);
     for (let b = 0; b < batch; b++) {
-      const n = Number(lengths[b]);
+      const n = lengths[b];
+      if (typeof n !== 'number') {
+        throw invalidArgument('lengths', `lengths[${b}] must be a number, got ${describe(n)}`);
+      }
       if (!Number.isInteger(n) || n < 0 || n > steps) {
         throw new PpoMaxError(
           'ERR_OUT_OF_RANGE',

@@ -342,6 +342,12 @@ describe.each(OPS.map((op) => [op.name, op] as [string, OpDef]))('%s validation'
     await expectBothFail(op, input, options, { code: 'ERR_OUT_OF_RANGE', argument: 'lengths' });
   });
 
+  test.each([['2'], [null], [{}]])('a length of %p (not a number) -> ERR_INVALID_ARGUMENT', async (bad) => {
+    const { input, options } = fresh(op);
+    input.lengths = [S, bad as unknown as number];
+    await expectBothFail(op, input, options, { code: 'ERR_INVALID_ARGUMENT', argument: 'lengths' });
+  });
+
   test('lengths of 0 and of steps are accepted, as an array or a typed array', async () => {
     const { input, options } = fresh(op);
     await expectBothSucceed(op, { ...input, lengths: [0, S] }, options);

@@ -15,7 +15,7 @@ Napi::Value get(const Napi::Object& args, const char* name) { return args.Get(na
 bool absent(const Napi::Value& v) { return v.IsUndefined() || v.IsNull(); }
 
 template <typename T, napi_typedarray_type kType>
-const T* typed_array(OpCall* call, const Napi::Object& args, const char* name, int64_t length,
+const T* typed_array(const Napi::Object& args, const char* name, int64_t length,
                      bool optional, const char* type_name,
                      std::vector<Napi::Reference<Napi::Value>>& keep) {
   Napi::Value v = get(args, name);
@@ -34,19 +34,18 @@ const T* typed_array(OpCall* call, const Napi::Object& args, const char* name, i
                      name);
   }
   keep.push_back(Napi::Persistent(v));
-  (void)call;
   return arr.Data();
 }
 
 }  // namespace
 
 const float* OpCall::f32(const char* name, int64_t length, bool optional) {
-  return typed_array<float, napi_float32_array>(this, args_, name, length, optional,
+  return typed_array<float, napi_float32_array>(args_, name, length, optional,
                                                 "Float32Array", keep_alive_);
 }
 
 const int32_t* OpCall::i32(const char* name, int64_t length) {
-  return typed_array<int32_t, napi_int32_array>(this, args_, name, length, false, "Int32Array",
+  return typed_array<int32_t, napi_int32_array>(args_, name, length, false, "Int32Array",
                                                 keep_alive_);
 }
 
