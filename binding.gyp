@@ -12,6 +12,7 @@
         "csrc/cpu/backend.cpp",
         "csrc/cpu/logprobs.cpp",
         "csrc/cpu/losses.cpp",
+        "csrc/cpu/matmul.cpp",
         "csrc/cpu/rewards.cpp",
         "csrc/core/cuda_absent.cpp",
         "csrc/addon/addon.cpp",
@@ -22,17 +23,35 @@
         "<!(node -p \"require('node-addon-api').include_dir\")",
         "csrc"
       ],
-      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],
-      "cflags!": ["-fno-exceptions"],
-      "cflags_cc!": ["-fno-exceptions", "-fno-rtti", "-std=gnu++17", "-std=gnu++20"],
-      "cflags_cc": ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+      "defines": [
+        "NAPI_VERSION=8",
+        "NAPI_CPP_EXCEPTIONS"
+      ],
+      "cflags!": [
+        "-fno-exceptions"
+      ],
+      "cflags_cc!": [
+        "-fno-exceptions",
+        "-fno-rtti",
+        "-std=gnu++17",
+        "-std=gnu++20"
+      ],
+      "cflags_cc": [
+        "-std=c++17",
+        "-O3",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unused-parameter"
+      ],
       "xcode_settings": {
         "GCC_ENABLE_CPP_EXCEPTIONS": "YES",
         "CLANG_CXX_LANGUAGE_STANDARD": "c++17",
         "MACOSX_DEPLOYMENT_TARGET": "11.0"
       },
       "msvs_settings": {
-        "VCCLCompilerTool": { "ExceptionHandling": 1 }
+        "VCCLCompilerTool": {
+          "ExceptionHandling": 1
+        }
       }
     }
   ]
