@@ -10,6 +10,7 @@
         "csrc/core/validate.cpp",
         "csrc/cpu/advantages.cpp",
         "csrc/cpu/backend.cpp",
+        "csrc/cpu/layers.cpp",
         "csrc/cpu/logprobs.cpp",
         "csrc/cpu/losses.cpp",
         "csrc/cpu/matmul.cpp",
@@ -41,7 +42,8 @@
         "-O3",
         "-Wall",
         "-Wextra",
-        "-Wno-unused-parameter"
+        "-Wno-unused-parameter",
+        "-fno-trapping-math"
       ],
       "xcode_settings": {
         "GCC_ENABLE_CPP_EXCEPTIONS": "YES",

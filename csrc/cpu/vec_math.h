@@ -23,8 +23,10 @@ inline float fast_exp(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   const bool underflow = x < -87.33654f;  // also true for -inf
-  float xc = x > 88.72283f ? 88.72283f : x;
-  xc = xc < -87.33654f ? -87.33654f : xc;
+  // Clamp with selects that send NaN to the lower bound (its comparison is false), so
+  // the float-to-int conversion below is always defined; NaN is passed through at the end.
+  float xc = x > -87.33654f ? x : -87.33654f;
+  xc = xc < 88.72283f ? xc : 88.72283f;
   // Round to nearest by adding and subtracting 1.5 * 2^23 (vectorizes on plain SSE2).
   const float kRound = 12582912.0f;
   const float n = (xc * kLog2e + kRound) - kRound;
@@ -40,7 +42,8 @@ inline float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? 0.0f : p * scale;
+  const float result = underflow ? 0.0f : p * scale;
+  return x != x ? x : result;
 }
 
 // Reductions over float lanes: GCC vectorizes a loop only when each lane has its own

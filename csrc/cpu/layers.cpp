@@ -1,0 +1,312 @@
+// LayerNorm and GELU on the CPU, forward and backward side by side (see layers.h for
+// the contracts). Every hot loop is a PPO_CPU_MULTIVERSION function over a range of
+// rows or elements; parallel_for splits the rows/elements across the pool.
+//
+// Determinism: per-row work (every output of the forward passes, grad_in, the GELU
+// gradient) does not depend on which thread runs the row. The one cross-row reduction,
+// LayerNorm's weight/bias gradient, sums rows into per-chunk partial buffers whose
+// chunking depends only on `rows`, then adds the chunks in chunk order.
+#include "cpu/layers.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <new>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "cpu/vec_math.h"
+
+namespace ppo::cpu {
+namespace {
+
+void require_size(int64_t value, const char* name) {
+  require(value >= 0, ErrorCode::InvalidArgument,
+          std::string(name) + " must be >= 0, got " + std::to_string(value), name);
+}
+
+void require_data(const void* p, const char* name) {
+  require(p != nullptr, ErrorCode::InvalidArgument, std::string(name) + " must not be null",
+          name);
+}
+
+// ================================ LayerNorm ==============================================
+
+// Rows [begin, end) of the forward. Per row of C channels:
+//   pass 1: mean in double (kLanes double accumulators, so the loop vectorizes and a row
+//           of large values, e.g. 1e4 + noise, loses nothing to float rounding);
+//   pass 2: biased variance sum (x - mean)^2 / C, in double (two-pass: no cancellation
+//           of E[x^2] - E[x]^2 for large-mean rows);
+//   pass 3: out = ((x - m_hi) - m_lo) * rstd * w + b in float, where m_hi + m_lo is the
+//           double mean split into two floats: x - m_hi is exact when x is within a
+//           factor 2 of the mean (Sterbenz), so large-mean rows keep float accuracy.
+PPO_CPU_MULTIVERSION
+void layernorm_forward_rows(int64_t begin, int64_t end, int64_t C, const float* __restrict in,
+                            const float* __restrict weight, const float* __restrict bias,
+                            float eps, float* __restrict out, float* __restrict mean,
+                            float* __restrict rstd) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* x = in + r * C;
+    float* y = out + r * C;
+
+    double lanes[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes)
+      for (int j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(x[c + j]);
+    double sum = 0.0;
+    for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+    for (; c < C; ++c) sum += static_cast<double>(x[c]);
+    const double m = sum / static_cast<double>(C);
+
+    double sq[kLanes] = {};
+    c = 0;
+    for (; c + kLanes <= C; c += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const double d = static_cast<double>(x[c + j]) - m;
+        sq[j] += d * d;
+      }
+    double ss = 0.0;
+    for (int j = 0; j < kLanes; ++j) ss += sq[j];
+    for (; c < C; ++c) {
+      const double d = static_cast<double>(x[c]) - m;
+      ss += d * d;
+    }
+    const double var = ss / static_cast<double>(C);
+    const double rs = 1.0 / std::sqrt(var + static_cast<double>(eps));
+
+    const float m_hi = static_cast<float>(m);
+    const float m_lo = static_cast<float>(m - static_cast<double>(m_hi));
+    const float rsf = static_cast<float>(rs);
+    for (c = 0; c < C; ++c) y[c] = (((x[c] - m_hi) - m_lo) * rsf) * weight[c] + bias[c];
+    mean[r] = m_hi;
+    rstd[r] = rsf;
+  }
+}
+
+// Rows [begin, end) of the backward; pw/pb [C] are this chunk's partial weight/bias
+// gradients (zeroed here, then summed over the chunk's rows in row order).
+// With dn = w * dout (gradient w.r.t. xhat) and xhat = (x - mean) * rstd:
+//   din = rstd * (dn - mean_c(dn) - xhat * mean_c(dn * xhat))
+// The saved mean is a float; as in the forward, the part of the true mean that float
+// dropped is recovered as m_lo = mean_c(x - m_hi) (x - m_hi exact for large-mean rows),
+// so xhat = ((x - m_hi) - m_lo) * rstd, and, in the same pass,
+//   sum_c dn * xhat = rstd * (sum_c dn (x - m_hi) - m_lo sum_c dn).
+PPO_CPU_MULTIVERSION
+void layernorm_backward_rows(int64_t begin, int64_t end, int64_t C,
+                             const float* __restrict grad_out, const float* __restrict in,
+                             const float* __restrict weight, const float* __restrict mean,
+                             const float* __restrict rstd, float* __restrict grad_in,
+                             float* __restrict pw, float* __restrict pb) {
+  for (int64_t c = 0; c < C; ++c) pw[c] = 0.0f;
+  for (int64_t c = 0; c < C; ++c) pb[c] = 0.0f;
+  const float inv_c = static_cast<float>(1.0 / static_cast<double>(C));
+  for (int64_t r = begin; r < end; ++r) {
+    const float* g = grad_out + r * C;
+    const float* x = in + r * C;
+    float* gi = grad_in + r * C;
+    const float m_hi = mean[r], rs = rstd[r];
+
+    float s_dn[kLanes] = {}, s_dnd[kLanes] = {}, s_d[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float dn = weight[c + j] * g[c + j];
+        const float d = x[c + j] - m_hi;
+        s_dn[j] += dn;
+        s_dnd[j] += dn * d;
+        s_d[j] += d;
+      }
+    float sum_dn = 0.0f, sum_dnd = 0.0f, sum_d = 0.0f;
+    for (int j = 0; j < kLanes; ++j) {
+      sum_dn += s_dn[j];
+      sum_dnd += s_dnd[j];
+      sum_d += s_d[j];
+    }
+    for (; c < C; ++c) {
+      const float dn = weight[c] * g[c];
+      const float d = x[c] - m_hi;
+      sum_dn += dn;
+      sum_dnd += dn * d;
+      sum_d += d;
+    }
+    const float m_lo = sum_d * inv_c;
+    const float dn_mean = sum_dn * inv_c;
+    const float dnx_mean = rs * (sum_dnd - m_lo * sum_dn) * inv_c;
+
+    for (c = 0; c < C; ++c) {
+      const float xhat = ((x[c] - m_hi) - m_lo) * rs;
+      const float dn = weight[c] * g[c];
+      gi[c] += ((dn - dn_mean) - xhat * dnx_mean) * rs;
+      pw[c] += xhat * g[c];
+      pb[c] += g[c];
+    }
+  }
+}
+
+// weight/bias gradient: grad[c] += partial[0][c], then += partial[1][c], ... (chunk
+// order), for channels [begin, end).
+PPO_CPU_MULTIVERSION
+void layernorm_reduce_partials(int64_t begin, int64_t end, int64_t C, int64_t chunks,
+                               const float* __restrict pw, const float* __restrict pb,
+                               float* __restrict grad_weight, float* __restrict grad_bias) {
+  for (int64_t k = 0; k < chunks; ++k) {
+    const float* w = pw + k * C;
+    const float* b = pb + k * C;
+    for (int64_t c = begin; c < end; ++c) grad_weight[c] += w[c];
+    for (int64_t c = begin; c < end; ++c) grad_bias[c] += b[c];
+  }
+}
+
+// Chunking of the rows for the weight/bias gradient: a function of `rows` only (never of
+// the thread count), so the summation order and hence the bits are fixed. At most 64
+// chunks (enough to keep 64 threads busy; partial buffers of 2 * 64 * C floats, 393 KB
+// at C = 768) of at least 8 rows (so the partials stay small next to the row work).
+constexpr int64_t kMaxGradChunks = 64;
+constexpr int64_t kMinRowsPerChunk = 8;
+
+}  // namespace
+
+void layernorm_forward(int64_t rows, int64_t channels, const float* in, const float* weight,
+                       const float* bias, float eps, float* out, float* mean, float* rstd) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  require(channels > 0 || rows == 0, ErrorCode::InvalidArgument,
+          "channels must be >= 1 when rows > 0 (the mean of an empty row is undefined)",
+          "channels");
+  require(std::isfinite(eps) && eps >= 0.0f, ErrorCode::InvalidArgument,
+          "eps must be finite and >= 0", "eps");
+  if (rows == 0) return;
+  require_data(in, "in");
+  require_data(weight, "weight");
+  require_data(bias, "bias");
+  require_data(out, "out");
+  require_data(mean, "mean");
+  require_data(rstd, "rstd");
+  parallel_for(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        layernorm_forward_rows(begin, end, channels, in, weight, bias, eps, out, mean, rstd);
+      },
+      grain_for(8 * channels));
+}
+
+void layernorm_backward(int64_t rows, int64_t channels, const float* grad_out, const float* in,
+                        const float* weight, const float* mean, const float* rstd,
+                        float* grad_in, float* grad_weight, float* grad_bias) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(grad_out, "grad_out");
+  require_data(in, "in");
+  require_data(weight, "weight");
+  require_data(mean, "mean");
+  require_data(rstd, "rstd");
+  require_data(grad_in, "grad_in");
+  require_data(grad_weight, "grad_weight");
+  require_data(grad_bias, "grad_bias");
+
+  int64_t chunks = std::min(kMaxGradChunks, (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk);
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;  // no empty trailing chunk
+
+  // [chunks][C] weight partials, then [chunks][C] bias partials; each chunk zeroes its own.
+  const int64_t partial_size = chunks * channels;
+  std::unique_ptr<float[]> partials(new (std::nothrow) float[2 * partial_size]);
+  require(partials != nullptr, ErrorCode::OutOfMemory,
+          "layernorm_backward: cannot allocate the weight/bias gradient partials");
+  float* pw = partials.get();
+  float* pb = pw + partial_size;
+
+  parallel_for(
+      chunks,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t r0 = k * rows_per_chunk, r1 = std::min(rows, r0 + rows_per_chunk);
+          layernorm_backward_rows(r0, r1, channels, grad_out, in, weight, mean, rstd, grad_in,
+                                  pw + k * channels, pb + k * channels);
+        }
+      },
+      grain_for(12 * rows_per_chunk * channels));
+
+  parallel_for(
+      channels,
+      [&](int64_t begin, int64_t end) {
+        layernorm_reduce_partials(begin, end, channels, chunks, pw, pb, grad_weight, grad_bias);
+      },
+      grain_for(2 * chunks));
+}
+
+// ================================== GELU ===============================================
+// GPT-2's gelu(x) = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+// Since 0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + e^(-2u)), we compute
+//   gelu(x) = x / (1 + e^(-2u))
+// which is branch-free with fast_exp, vectorizes, and has no cancellation in either
+// tail (1 + tanh(u) would lose all digits for u << 0). Where -2u > 80 (x < ~-9.6) the
+// true gelu and gelu' are below ~1e-33 in magnitude; both are set to exactly 0 there
+// (and where -2u < -80, gelu' to exactly 1; gelu = x / (1 + e) is already exact there)
+// (a select, still branch-free), which keeps denormals out and gives the right limit
+// for x -> -inf (fast_exp clamps its argument at 88.7, so x / (1 + e) alone would
+// return x / 3.4e38, e.g. -0.3 at x = -1e38).
+// Derivative, with s = sigmoid(2u) and 1 - s = e^(-2u) s (accurate when s ~ 1):
+//   gelu'(x) = s + 2 x s (1 - s) du/dx,   du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr float kGeluCubic = 0.044715f;
+constexpr float kGeluTailCut = 80.0f;  // -2u beyond which gelu and gelu' are taken as 0
+
+namespace {
+
+PPO_CPU_MULTIVERSION
+void gelu_forward_range(int64_t begin, int64_t end, const float* in, float* out) {
+  // No __restrict: in-place (out == in) is allowed; each element is read before written.
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = in[i];
+    const float t = -2.0f * kGeluScale * (x + kGeluCubic * x * x * x);  // -2u
+    const float y = x / (1.0f + fast_exp(t));
+    out[i] = t > kGeluTailCut ? 0.0f : y;
+  }
+}
+
+PPO_CPU_MULTIVERSION
+void gelu_backward_range(int64_t begin, int64_t end, const float* __restrict in,
+                         const float* __restrict grad_out, float* __restrict grad_in) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = in[i];
+    const float x2 = x * x;
+    const float t = -2.0f * kGeluScale * (x + kGeluCubic * x2 * x);  // -2u
+    const float du = kGeluScale * (1.0f + 3.0f * kGeluCubic * x2);
+    const float e = fast_exp(t);
+    const float s = 1.0f / (1.0f + e);
+    const float s_one_minus_s = (e * s) * s;  // e * s <= 1: no overflow
+    float d = s + 2.0f * x * du * s_one_minus_s;
+    d = t > kGeluTailCut ? 0.0f : d;
+    d = t < -kGeluTailCut ? 1.0f : d;  // x > ~9.6: 1 (and no inf * 0 once x^2 overflows)
+    grad_in[i] += d * grad_out[i];
+  }
+}
+
+}  // namespace
+
+void gelu_forward(int64_t n, const float* in, float* out) {
+  require_size(n, "n");
+  if (n == 0) return;
+  require_data(in, "in");
+  require_data(out, "out");
+  parallel_for(
+      n, [&](int64_t begin, int64_t end) { gelu_forward_range(begin, end, in, out); },
+      grain_for(32));
+}
+
+void gelu_backward(int64_t n, const float* in, const float* grad_out, float* grad_in) {
+  require_size(n, "n");
+  if (n == 0) return;
+  require_data(in, "in");
+  require_data(grad_out, "grad_out");
+  require_data(grad_in, "grad_in");
+  parallel_for(
+      n,
+      [&](int64_t begin, int64_t end) { gelu_backward_range(begin, end, in, grad_out, grad_in); },
+      grain_for(40));
+}
+
+}  // namespace ppo::cpu
