@@ -1,7 +1,6 @@
 #include "core/ops.h"
 
 #include <cmath>
-#include <exception>
 #include <vector>
 
 #include "core/error.h"
@@ -60,29 +59,6 @@ class Staging {
   std::vector<Output> outputs_;
 };
 
-// Runs check(begin, end) over [0, rows) in parallel; when several chunks fail,
-// rethrows the error of the lowest chunk, i.e. the first offending row overall.
-template <typename Check>
-void parallel_check(int64_t rows, int64_t min_chunk, Check check) {
-  int chunks = cpu_thread_count();
-  std::vector<std::exception_ptr> errors(chunks);
-  parallel_for(
-      chunks,
-      [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          int64_t lo = rows * c / chunks, hi = rows * (c + 1) / chunks;
-          try {
-            if (lo < hi) check(lo, hi);
-          } catch (...) {
-            errors[c] = std::current_exception();
-          }
-        }
-      },
-      rows / chunks >= min_chunk ? 1 : chunks);
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
-
 void check_sequence_shape(int64_t batch, int64_t steps) {
   validate::positive_size(batch, "batch");
   validate::positive_size(steps, "steps");
@@ -91,7 +67,7 @@ void check_sequence_shape(int64_t batch, int64_t steps) {
 void check_sequence_input(const float* values, const float* mask, int64_t batch, int64_t steps,
                           const char* name) {
   validate::present(values, name);
-  validate::finite_where_valid(values, mask, batch * steps, 1, name);
+  validate::finite_where_valid(values, mask, batch * steps, name);
 }
 
 void check_output(const void* ptr, const char* name) { validate::present(ptr, name); }
@@ -108,9 +84,10 @@ void check_logprobs_inputs(const Backend& backend, int64_t batch, int64_t steps,
   validate::mask_values(mask, rows);
   validate::tokens_in_range(tokens, mask, rows, vocab);
   if (backend.checks_logits_inline) return;
-  parallel_check(rows, 16, [&](int64_t lo, int64_t hi) {
+  // parallel_for rethrows the lowest chunk's error: the first bad row is the one named.
+  parallel_for(rows, [&](int64_t lo, int64_t hi) {
     validate::logits_rows(logits, tokens, mask, lo, hi, vocab);
-  });
+  }, grain_for(vocab));
 }
 
 }  // namespace

@@ -12,13 +12,6 @@ namespace {
 constexpr int64_t kMaxElements = int64_t(1) << 40;
 }
 
-std::string index_string(int64_t flat, int64_t steps) {
-  std::ostringstream s;
-  if (steps > 0) s << "[" << flat / steps << ", " << flat % steps << "]";
-  else s << "[" << flat << "]";
-  return s.str();
-}
-
 void positive_size(int64_t value, const char* name) {
   if (value <= 0 || value > kMaxElements) {
     std::ostringstream s;
@@ -40,23 +33,19 @@ inline bool is_valid(const float* mask, int64_t i) { return !mask || mask[i] != 
 }  // namespace
 
 void finite(const float* values, int64_t count, const char* name) {
-  finite_where_valid(values, nullptr, count, 1, name);
+  finite_where_valid(values, nullptr, count, name);
 }
 
-void finite_where_valid(const float* values, const float* mask, int64_t rows, int64_t inner,
-                        const char* name) {
-  const int64_t count = rows * inner;
+void finite_where_valid(const float* values, const float* mask, int64_t count, const char* name) {
   int64_t bad = 0;
   if (!mask) {
     for (int64_t i = 0; i < count; ++i) bad += !is_finite_fast(values[i]);
-  } else if (inner == 1) {
-    for (int64_t i = 0; i < count; ++i) bad += (mask[i] != 0.0f) & !is_finite_fast(values[i]);
   } else {
-    bad = 1;  // rare layout: take the plain loop
+    for (int64_t i = 0; i < count; ++i) bad += (mask[i] != 0.0f) & !is_finite_fast(values[i]);
   }
   if (bad == 0) return;
   for (int64_t i = 0; i < count; ++i) {
-    if (is_valid(mask, i / inner) && !std::isfinite(values[i])) {
+    if (is_valid(mask, i) && !std::isfinite(values[i])) {
       std::ostringstream s;
       s << name << "[" << i << "] is " << values[i]
         << (mask ? " at a valid (unmasked) position" : "") << ": expected a finite number";

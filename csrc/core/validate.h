@@ -13,10 +13,9 @@ void positive_size(int64_t value, const char* name);
 void present(const void* ptr, const char* name);
 // Every value finite.
 void finite(const float* values, int64_t count, const char* name);
-// Every value finite where mask (broadcast per row of `inner` elements) is 1;
-// masked-out entries may hold anything (padding never matters).
-void finite_where_valid(const float* values, const float* mask, int64_t rows, int64_t inner,
-                        const char* name);
+// Every value finite where mask is 1 (mask may be nullptr: everywhere); masked-out
+// entries may hold anything (padding never matters).
+void finite_where_valid(const float* values, const float* mask, int64_t count, const char* name);
 // Mask values are exactly 0 or 1.
 void mask_values(const float* mask, int64_t count);
 // Tokens in [0, vocab) where valid.
@@ -28,7 +27,5 @@ void logits_rows(const float* logits, const int32_t* tokens, const float* mask, 
                  int64_t row_end, int64_t vocab);
 // A finite scalar option within [lo, hi] (inclusive), or > lo when lo_open.
 void scalar_in_range(double value, double lo, double hi, bool lo_open, const char* name);
-
-std::string index_string(int64_t flat, int64_t steps);  // "[b, t]" from a flat index
 
 }  // namespace ppo::validate
