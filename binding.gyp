@@ -5,19 +5,28 @@
       "sources": [
         "csrc/core/device.cpp",
         "csrc/core/error.cpp",
+        "csrc/core/json.cpp",
         "csrc/core/ops.cpp",
         "csrc/core/thread_pool.cpp",
         "csrc/core/validate.cpp",
         "csrc/cpu/advantages.cpp",
+        "csrc/cpu/attention.cpp",
         "csrc/cpu/backend.cpp",
         "csrc/cpu/layers.cpp",
         "csrc/cpu/logprobs.cpp",
         "csrc/cpu/losses.cpp",
         "csrc/cpu/matmul.cpp",
+        "csrc/cpu/optimizer.cpp",
         "csrc/cpu/rewards.cpp",
+        "csrc/model/checkpoint.cpp",
+        "csrc/model/config.cpp",
+        "csrc/model/gpt.cpp",
+        "csrc/model/params.cpp",
+        "csrc/model/sampling.cpp",
         "csrc/core/cuda_absent.cpp",
         "csrc/addon/addon.cpp",
         "csrc/addon/convert.cpp",
+        "csrc/addon/model_bindings.cpp",
         "csrc/addon/ops_bindings.cpp"
       ],
       "include_dirs": [
@@ -43,7 +52,8 @@
         "-Wall",
         "-Wextra",
         "-Wno-unused-parameter",
-        "-fno-trapping-math"
+        "-fno-trapping-math",
+        "-fno-math-errno"
       ],
       "xcode_settings": {
         "GCC_ENABLE_CPP_EXCEPTIONS": "YES",

@@ -11,6 +11,11 @@ export type ErrorCode =
   | 'ERR_CUDA_UNAVAILABLE' // 'cuda' requested but not compiled in or no usable GPU
   | 'ERR_CUDA' // a CUDA call failed
   | 'ERR_OUT_OF_MEMORY' // host or device allocation failed
+  | 'ERR_NOT_FOUND' // a file or directory that does not exist (a checkpoint path)
+  | 'ERR_CORRUPT_FILE' // a file that cannot be parsed (truncated, corrupt header)
+  | 'ERR_IO' // reading or writing a file failed
+  | 'ERR_DISPOSED' // a call on a model after dispose()
+  | 'ERR_BUSY' // a call on a model while another runs (async calls are queued instead)
   | 'ERR_NATIVE_NOT_BUILT' // the native addon is missing: run `npx ppo-max build`
   | 'ERR_INTERNAL'; // a bug in ppo-max
 

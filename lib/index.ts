@@ -1,6 +1,7 @@
 /**
  * ppo-max: RLHF with the PPO-max recipe. This entry point exports the RLHF kernels
- * (async and Sync forms), RunningMoments, device selection and the error type.
+ * (async and Sync forms), the GPT-2 engine (Model), RunningMoments, device selection
+ * and the error type.
  */
 export { PpoMaxError, isPpoMaxError } from './errors';
 export type { ErrorCode } from './errors';
@@ -10,3 +11,22 @@ export * from './ops';
 export { RunningMoments } from './running-moments';
 export type { RunningMomentsState, NormalizeOptions } from './running-moments';
 export type { FloatArray, TokenArray, MaskArray, SequenceShape } from './validate';
+export { Model } from './model';
+export type {
+  GPT2Config,
+  ModelDevice,
+  CreateModelOptions,
+  LoadModelOptions,
+  TokenBatch,
+  TokenBatchInput,
+  FloatInput,
+  ForwardOptions,
+  ForwardResult,
+  BackwardGradients,
+  LmLossResult,
+  StepOptions,
+  StepResult,
+  GenerateOptions,
+  GenerateResult,
+  ModelMemory,
+} from './model';

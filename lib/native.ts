@@ -16,7 +16,56 @@ export interface NativeMoments {
   m2: number;
 }
 
-/** The raw addon: each op takes one object of arguments and an async flag. */
+/** An opaque handle to a native model (a tagged External); only lib/model.ts uses it. */
+export interface NativeModelHandle {
+  readonly __ppoMaxModelHandle: never;
+}
+
+/** A model's config as the addon reports it (camelCase, every field present). */
+export interface NativeModelConfig {
+  vocabSize: number;
+  nPositions: number;
+  nEmbd: number;
+  nLayer: number;
+  nHead: number;
+  layerNormEpsilon: number;
+  valueHead: boolean;
+  bosTokenId: number;
+  eosTokenId: number;
+}
+
+/** What modelCreate and modelLoad resolve to. */
+export interface NativeNewModel {
+  handle: NativeModelHandle;
+  config: NativeModelConfig;
+  parameterCount: number;
+}
+
+export interface NativeModelMemory {
+  params: number;
+  grads: number;
+  optimizer: number;
+  activations: number;
+  kvCache: number;
+}
+
+export interface NativeGenerateResult {
+  batch: number;
+  maxNewTokens: number;
+  /** [batch, maxNewTokens]: each row's new tokens, then -1. */
+  tokens: Int32Array;
+  /** [batch, maxNewTokens]: their log-probs, then 0. */
+  logprobs: Float32Array;
+  lengths: Int32Array;
+  /** [batch] 1 when the row ended with a stop token. */
+  stopped: Uint8Array;
+}
+
+/**
+ * The raw addon: each op takes one object of arguments and an async flag. The model
+ * functions (model*) take a handle first; all but modelParameterCount and modelMemory
+ * return promises, and a second overlapping call on one model is refused (ERR_BUSY).
+ */
 export interface NativeAddon {
   cudaCompiled(): boolean;
   cudaAvailable(): boolean;
@@ -34,6 +83,23 @@ export interface NativeAddon {
   clipMasked(args: object, async: boolean): unknown;
   policyLoss(args: object, async: boolean): unknown;
   valueLoss(args: object, async: boolean): unknown;
+  // Property syntax (not methods) so that these never match NativeOpName in call.ts.
+  modelParameterCount: (config: NativeModelConfig) => number;
+  modelCreate: (args: { config: NativeModelConfig; seed: number; device: 'cpu'; trainable: boolean }) => Promise<NativeNewModel>;
+  modelLoad: (args: { dir: string; device: 'cpu'; trainable: boolean }) => Promise<NativeNewModel>;
+  modelSave: (handle: NativeModelHandle, args: { dir: string }) => Promise<void>;
+  modelForward: (handle: NativeModelHandle, args: object) => Promise<Record<string, unknown>>;
+  modelBackward: (handle: NativeModelHandle, args: object) => Promise<void>;
+  modelZeroGrad: (handle: NativeModelHandle) => Promise<void>;
+  modelGradNorm: (handle: NativeModelHandle) => Promise<number>;
+  modelStep: (handle: NativeModelHandle, args: object) => Promise<{ gradNorm: number; clipped: boolean; step: number }>;
+  modelGenerate: (
+    handle: NativeModelHandle,
+    args: object,
+    onProgress?: (done: number, total: number) => void,
+  ) => Promise<NativeGenerateResult>;
+  modelMemory: (handle: NativeModelHandle) => NativeModelMemory;
+  modelDispose: (handle: NativeModelHandle) => Promise<void>;
 }
 
 /** The directory holding ppo-max's package.json (works from lib/ and dist/lib/). */

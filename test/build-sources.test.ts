@@ -30,16 +30,17 @@ describe('build source lists', () => {
   const gypSources: string[] = gyp.targets[0].sources;
   const core = cmakeList(cmake, 'PPO_CORE_SOURCES');
   const cpu = cmakeList(cmake, 'PPO_CPU_SOURCES');
+  const model = cmakeList(cmake, 'PPO_MODEL_SOURCES');
   const cuda = cmakeList(cmake, 'PPO_CUDA_SOURCES');
   const noCuda = cmakeList(cmake, 'PPO_NO_CUDA_SOURCES');
   const addon = cmakeList(cmake, 'PPO_ADDON_SOURCES');
 
   test('binding.gyp builds exactly the CPU addon sources that CMake builds', () => {
-    expect([...gypSources].sort()).toEqual([...core, ...cpu, ...noCuda, ...addon].sort());
+    expect([...gypSources].sort()).toEqual([...core, ...cpu, ...model, ...noCuda, ...addon].sort());
   });
 
   test('every source file in csrc/ is in the CMake lists, and every listed file exists', () => {
-    const listed = [...core, ...cpu, ...cuda, ...noCuda, ...addon];
+    const listed = [...core, ...cpu, ...model, ...cuda, ...noCuda, ...addon];
     expect(filesUnder('csrc', ['.cpp', '.cu']).sort()).toEqual([...listed].sort());
   });
 

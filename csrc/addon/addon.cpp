@@ -1,8 +1,9 @@
-// The Node-API module: device queries and the op bindings. This directory is the
-// only place in csrc/ that includes napi.h.
+// The Node-API module: device queries, the op bindings and the model bindings. This
+// directory is the only place in csrc/ that includes napi.h.
 #include <napi.h>
 
 #include "addon/convert.h"
+#include "addon/model_bindings.h"
 #include "addon/ops_bindings.h"
 #include "core/backend.h"
 #include "core/thread_pool.h"
@@ -32,6 +33,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("cpuThreads", Napi::Function::New(env, guarded<CpuThreads>));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
   register_ops(env, exports);
+  register_model(env, exports);
   return exports;
 }
 

@@ -11,6 +11,11 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::CudaUnavailable: return "ERR_CUDA_UNAVAILABLE";
     case ErrorCode::CudaError: return "ERR_CUDA";
     case ErrorCode::OutOfMemory: return "ERR_OUT_OF_MEMORY";
+    case ErrorCode::NotFound: return "ERR_NOT_FOUND";
+    case ErrorCode::CorruptFile: return "ERR_CORRUPT_FILE";
+    case ErrorCode::IoError: return "ERR_IO";
+    case ErrorCode::Disposed: return "ERR_DISPOSED";
+    case ErrorCode::Busy: return "ERR_BUSY";
     case ErrorCode::Internal: return "ERR_INTERNAL";
   }
   return "ERR_INTERNAL";

@@ -18,6 +18,11 @@ enum class ErrorCode {
   CudaUnavailable,   // CUDA asked for, but not compiled in or no usable device
   CudaError,         // a CUDA runtime call or kernel launch failed
   OutOfMemory,       // host or device allocation failed
+  NotFound,          // a file or directory that does not exist (a checkpoint path)
+  CorruptFile,       // a file that exists but cannot be parsed (truncated, bad header)
+  IoError,           // reading or writing a file failed (disk full, permissions)
+  Disposed,          // a call on a model (or other handle) after dispose()
+  Busy,              // a call on a model while another call on it is running
   Internal,          // a bug in ppo-max: please report it
 };
 

@@ -310,3 +310,213 @@ void gelu_backward(int64_t n, const float* in, const float* grad_out, float* gra
 }
 
 }  // namespace ppo::cpu
+
+// ============================ Embeddings, bias, residual ==================================
+// The small kernels of the GPT-2 engine (contracts in layers.h). Forward passes and the
+// elementwise ops split rows/elements over the pool; each output element is computed the
+// same way whichever thread runs it. The two cross-row reductions:
+//   - embedding_backward: threads split the CHANNELS; each thread walks all rows in row
+//     order for its channel range, so repeated ids (the same wte/wpe row hit by several
+//     rows) are summed in row order whatever the thread count, with no atomics and no
+//     per-thread copies of the [vocab, C] gradient;
+//   - bias_backward: per-chunk partial sums over fixed chunks of rows (the chunking of
+//     layernorm_backward: a function of `rows` only), added in chunk order.
+
+namespace ppo::cpu {
+namespace {
+
+// out[r, :] for rows [begin, end): wte[tokens[r], :] + wpe[positions[r], :], or 0 for a
+// padding row (positions[r] < 0; tokens[r] is then not read: it may be garbage).
+PPO_CPU_MULTIVERSION
+void embedding_forward_rows(int64_t begin, int64_t end, int64_t C,
+                            const int32_t* __restrict tokens,
+                            const int32_t* __restrict positions, const float* __restrict wte,
+                            const float* __restrict wpe, float* __restrict out) {
+  for (int64_t r = begin; r < end; ++r) {
+    float* y = out + r * C;
+    const int32_t pos = positions[r];
+    if (pos < 0) {
+      for (int64_t c = 0; c < C; ++c) y[c] = 0.0f;
+      continue;
+    }
+    const float* te = wte + static_cast<int64_t>(tokens[r]) * C;
+    const float* pe = wpe + static_cast<int64_t>(pos) * C;
+    for (int64_t c = 0; c < C; ++c) y[c] = te[c] + pe[c];
+  }
+}
+
+// Channels [c0, c1) of the embedding gradient: for every non-padding row r, in row order,
+//   grad_wte[tokens[r], c] += grad_out[r, c]  and  grad_wpe[positions[r], c] += grad_out[r, c].
+// A thread owns its channel range in every row of grad_wte/grad_wpe, so no two threads
+// touch the same element. grad_wpe may be nullptr (then only wte is updated).
+PPO_CPU_MULTIVERSION
+void embedding_backward_channels(int64_t c0, int64_t c1, int64_t rows, int64_t C,
+                                 const float* __restrict grad_out,
+                                 const int32_t* __restrict tokens,
+                                 const int32_t* __restrict positions,
+                                 float* __restrict grad_wte, float* __restrict grad_wpe) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t pos = positions[r];
+    if (pos < 0) continue;
+    const float* g = grad_out + r * C;
+    float* te = grad_wte + static_cast<int64_t>(tokens[r]) * C;
+    for (int64_t c = c0; c < c1; ++c) te[c] += g[c];
+    if (grad_wpe != nullptr) {
+      float* pe = grad_wpe + static_cast<int64_t>(pos) * C;
+      for (int64_t c = c0; c < c1; ++c) pe[c] += g[c];
+    }
+  }
+}
+
+// out[r, c] += bias[c] for rows [begin, end).
+PPO_CPU_MULTIVERSION
+void add_bias_rows(int64_t begin, int64_t end, int64_t C, const float* __restrict bias,
+                   float* __restrict out) {
+  for (int64_t r = begin; r < end; ++r) {
+    float* y = out + r * C;
+    for (int64_t c = 0; c < C; ++c) y[c] += bias[c];
+  }
+}
+
+// partial[c] = sum of grad_out[r, c] over rows [r0, r1), in row order, from 0.
+PPO_CPU_MULTIVERSION
+void bias_partial_rows(int64_t r0, int64_t r1, int64_t C, const float* __restrict grad_out,
+                       float* __restrict partial) {
+  for (int64_t c = 0; c < C; ++c) partial[c] = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* g = grad_out + r * C;
+    for (int64_t c = 0; c < C; ++c) partial[c] += g[c];
+  }
+}
+
+// grad_bias[c] += partial[0][c], then += partial[1][c], ... (chunk order), channels [begin, end).
+PPO_CPU_MULTIVERSION
+void bias_reduce_partials(int64_t begin, int64_t end, int64_t C, int64_t chunks,
+                          const float* __restrict partials, float* __restrict grad_bias) {
+  for (int64_t k = 0; k < chunks; ++k) {
+    const float* p = partials + k * C;
+    for (int64_t c = begin; c < end; ++c) grad_bias[c] += p[c];
+  }
+}
+
+// No __restrict: out may equal a or b (each element is read before it is written); GCC
+// vectorizes with a run-time overlap check.
+PPO_CPU_MULTIVERSION
+void add_range(int64_t begin, int64_t end, const float* a, const float* b, float* out) {
+  for (int64_t i = begin; i < end; ++i) out[i] = a[i] + b[i];
+}
+
+PPO_CPU_MULTIVERSION
+void accumulate_range(int64_t begin, int64_t end, const float* __restrict x,
+                      float* __restrict y) {
+  for (int64_t i = begin; i < end; ++i) y[i] += x[i];
+}
+
+}  // namespace
+
+void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
+                       const int32_t* positions, const float* wte, const float* wpe,
+                       float* out) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(tokens, "tokens");
+  require_data(positions, "positions");
+  require_data(wte, "wte");
+  require_data(wpe, "wpe");
+  require_data(out, "out");
+  parallel_for(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        embedding_forward_rows(begin, end, channels, tokens, positions, wte, wpe, out);
+      },
+      grain_for(2 * channels));
+}
+
+void embedding_backward(int64_t rows, int64_t channels, const float* grad_out,
+                        const int32_t* tokens, const int32_t* positions, float* grad_wte,
+                        float* grad_wpe) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(grad_out, "grad_out");
+  require_data(tokens, "tokens");
+  require_data(positions, "positions");
+  require_data(grad_wte, "grad_wte");
+  // Channel ranges of at least 16 floats (one 64-byte cache line), so two threads rarely
+  // write the same line of a gradient row; each channel costs 2 adds per row.
+  parallel_for(
+      channels,
+      [&](int64_t begin, int64_t end) {
+        embedding_backward_channels(begin, end, rows, channels, grad_out, tokens, positions,
+                                    grad_wte, grad_wpe);
+      },
+      std::max<int64_t>(16, grain_for(2 * rows)));
+}
+
+void add_bias(int64_t rows, int64_t channels, const float* bias, float* out) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(bias, "bias");
+  require_data(out, "out");
+  parallel_for(
+      rows,
+      [&](int64_t begin, int64_t end) { add_bias_rows(begin, end, channels, bias, out); },
+      grain_for(channels));
+}
+
+void bias_backward(int64_t rows, int64_t channels, const float* grad_out, float* grad_bias) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(grad_out, "grad_out");
+  require_data(grad_bias, "grad_bias");
+
+  // The chunking of layernorm_backward's weight/bias gradient (a function of rows only).
+  int64_t chunks = std::min(kMaxGradChunks, (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk);
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;  // no empty trailing chunk
+
+  // [chunks][C] partial sums; each chunk zeroes its own.
+  std::unique_ptr<float[]> partials(new (std::nothrow) float[chunks * channels]);
+  require(partials != nullptr, ErrorCode::OutOfMemory,
+          "bias_backward: cannot allocate the gradient partials");
+  float* p = partials.get();
+  parallel_for(
+      chunks,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t r0 = k * rows_per_chunk, r1 = std::min(rows, r0 + rows_per_chunk);
+          bias_partial_rows(r0, r1, channels, grad_out, p + k * channels);
+        }
+      },
+      grain_for(rows_per_chunk * channels));
+  parallel_for(
+      channels,
+      [&](int64_t begin, int64_t end) {
+        bias_reduce_partials(begin, end, channels, chunks, p, grad_bias);
+      },
+      grain_for(chunks));
+}
+
+void add(int64_t n, const float* a, const float* b, float* out) {
+  require_size(n, "n");
+  if (n == 0) return;
+  require_data(a, "a");
+  require_data(b, "b");
+  require_data(out, "out");
+  parallel_for(
+      n, [&](int64_t begin, int64_t end) { add_range(begin, end, a, b, out); }, grain_for(1));
+}
+
+void accumulate(int64_t n, const float* x, float* y) {
+  require_size(n, "n");
+  if (n == 0) return;
+  require_data(x, "x");
+  require_data(y, "y");
+  parallel_for(
+      n, [&](int64_t begin, int64_t end) { accumulate_range(begin, end, x, y); }, grain_for(1));
+}
+
+}  // namespace ppo::cpu

@@ -49,3 +49,34 @@ void gelu_forward(int64_t n, const float* in, float* out);
 void gelu_backward(int64_t n, const float* in, const float* grad_out, float* grad_in);
 
 }  // namespace ppo::cpu
+
+namespace ppo::cpu {
+
+// ---- token and position embeddings ------------------------------------------------------
+// out[r, :] = wte[tokens[r], :] + wpe[positions[r], :] for rows with positions[r] >= 0;
+// rows with positions[r] < 0 are padding and written as 0 (tokens[r] is not read).
+// wte [vocab, C], wpe [n_positions, C]; the caller has validated ids and positions.
+void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
+                       const int32_t* positions, const float* wte, const float* wpe,
+                       float* out);
+
+// grad_wte[tokens[r], :] += grad_out[r, :] and grad_wpe[positions[r], :] += grad_out[r, :]
+// over the rows with positions[r] >= 0, in row order for every channel (threads split
+// the channels), so repeated ids sum deterministically. grad_wpe may be nullptr.
+void embedding_backward(int64_t rows, int64_t channels, const float* grad_out,
+                        const int32_t* tokens, const int32_t* positions, float* grad_wte,
+                        float* grad_wpe);
+
+// ---- bias of a dense layer ---------------------------------------------------------------
+// out[r, c] += bias[c]
+void add_bias(int64_t rows, int64_t channels, const float* bias, float* out);
+// grad_bias[c] += sum_r grad_out[r, c], summed over fixed chunks of rows combined in order.
+void bias_backward(int64_t rows, int64_t channels, const float* grad_out, float* grad_bias);
+
+// ---- residual ----------------------------------------------------------------------------
+// out[i] = a[i] + b[i] (out may equal a or b).
+void add(int64_t n, const float* a, const float* b, float* out);
+// y[i] += x[i]
+void accumulate(int64_t n, const float* x, float* y);
+
+}  // namespace ppo::cpu

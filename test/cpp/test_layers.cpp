@@ -486,4 +486,332 @@ TEST(layers_argument_errors) {
   CHECK_NO_THROW(gelu_backward(0, nullptr, nullptr, nullptr));
 }
 
+// ===== Embeddings, bias, residual (embedding_forward/backward, add_bias, bias_backward,
+// add, accumulate) ========================================================================
+// Float64 references; the forward ops and the elementwise ops are one float rounding of
+// the exact result, so they are checked bit for bit against that rounding. The backward
+// sums are checked (a) bit for bit against a sequential float simulation of the order the
+// contract fixes (embedding: row order; bias: fixed row chunks, chunk order), (b) against
+// the float64 sum with a stated tolerance, (c) the float64 gradient against central
+// finite differences of the float64 forward. Thread-count independence: each parallel
+// call is compared with the same call made from inside a pool thread (where parallel_for
+// runs inline, i.e. on one thread), and a checksum line is printed to compare across
+// PPO_MAX_THREADS settings.
+#include "core/thread_pool.h"
+
+namespace {
+
+using ppo::cpu::accumulate;
+using ppo::cpu::add;
+using ppo::cpu::add_bias;
+using ppo::cpu::bias_backward;
+using ppo::cpu::embedding_backward;
+using ppo::cpu::embedding_forward;
+
+// Runs fn on one thread: from inside a pool thread, where parallel_for runs inline. With a
+// pool of one thread, parallel_for(2, ...) runs inline too: fn is serial either way.
+void run_single_threaded(const std::function<void()>& fn) {
+  ppo::parallel_for(
+      2, [&](int64_t begin, int64_t) { if (begin == 0) fn(); }, 1);
+}
+
+// A batch of `rows` token rows: tokens in [0, vocab), positions in [0, n_pos), and about a
+// quarter padding rows (position -1 or -7) whose token ids are garbage far outside the
+// vocabulary (reading them would fault or trip ASan).
+struct EmbCase {
+  int64_t rows = 0, C = 0, vocab = 0, n_pos = 0;
+  std::vector<int32_t> tokens, positions;
+  std::vector<float> wte, wpe, dout;
+};
+
+EmbCase make_emb(tu::Rng& rng, int64_t rows, int64_t C, int64_t vocab, int64_t n_pos) {
+  EmbCase e;
+  e.rows = rows, e.C = C, e.vocab = vocab, e.n_pos = n_pos;
+  const int32_t garbage[] = {-2147483647 - 1, 2147483647, 1 << 30, -5};
+  for (int64_t r = 0; r < rows; ++r) {
+    if (tu::rand_int(rng, 0, 3) == 0) {
+      e.positions.push_back(r % 2 ? -1 : -7);
+      e.tokens.push_back(garbage[r % 4]);
+    } else {
+      e.positions.push_back(static_cast<int32_t>(tu::rand_int(rng, 0, n_pos - 1)));
+      e.tokens.push_back(static_cast<int32_t>(tu::rand_int(rng, 0, vocab - 1)));
+    }
+  }
+  e.wte = tu::normal(rng, vocab * C, 0.0, 0.5);
+  e.wpe = tu::normal(rng, n_pos * C, 0.0, 0.1);
+  e.dout = tu::normal(rng, rows * C);
+  return e;
+}
+
+// Float64 forward: out[r, c] = wte[tok, c] + wpe[pos, c], 0 for padding rows.
+std::vector<double> emb_ref(const EmbCase& e, const std::vector<double>& wte,
+                            const std::vector<double>& wpe) {
+  std::vector<double> out(e.rows * e.C, 0.0);
+  for (int64_t r = 0; r < e.rows; ++r) {
+    if (e.positions[r] < 0) continue;
+    for (int64_t c = 0; c < e.C; ++c)
+      out[r * e.C + c] = wte[e.tokens[r] * e.C + c] + wpe[e.positions[r] * e.C + c];
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(embedding_forward_matches_reference) {
+  // Each output is one float add of two floats: exactly the rounding of the float64 sum.
+  tu::Rng rng(101);
+  const int64_t shapes[][4] = {{9, 1, 3, 4},   {13, 5, 4, 6},    {20, 16, 50, 40},
+                               {21, 33, 7, 9}, {300, 768, 100, 64}};
+  for (const auto& s : shapes) {
+    const EmbCase e = make_emb(rng, s[0], s[1], s[2], s[3]);
+    std::vector<float> out = tu::poisoned(e.rows * e.C);
+    embedding_forward(e.rows, e.C, e.tokens.data(), e.positions.data(), e.wte.data(),
+                      e.wpe.data(), out.data());
+    const std::vector<double> ref = emb_ref(e, widen(e.wte), widen(e.wpe));
+    std::vector<float> want(ref.begin(), ref.end());
+    CHECK_BITWISE_EQUAL(out.data(), want.data(), e.rows * e.C, "embedding out");
+    for (int64_t r = 0; r < e.rows; ++r)  // padding rows: +0.0 exactly
+      if (e.positions[r] < 0) CHECK(out[r * e.C] == 0.0f && !std::signbit(out[r * e.C]));
+  }
+}
+
+TEST(embedding_backward_matches_reference_and_row_order) {
+  // Few distinct ids (vocab 7, 5 positions) so every wte/wpe row is hit many times.
+  // (a) bit for bit: the contract fixes the order (row order per element), so a
+  //     sequential float simulation gives the exact bits;
+  // (b) float64: a float sum of m terms onto g0 is within m * u * (|g0| + sum|terms|),
+  //     u = 2^-24; we allow (m + 1) * 6e-8 * (|g0| + sum|terms|);
+  // (c) the rows of wte/wpe hit by no row keep their bits; grad_wpe == nullptr updates
+  //     wte identically.
+  tu::Rng rng(102);
+  const int64_t shapes[][4] = {{61, 5, 7, 5}, {40, 1, 3, 2}, {97, 37, 7, 5}, {256, 768, 100, 64}};
+  for (const auto& s : shapes) {
+    const EmbCase e = make_emb(rng, s[0], s[1], s[2], s[3]);
+    const int64_t C = e.C;
+    std::vector<float> gte = tu::normal(rng, e.vocab * C), gpe = tu::normal(rng, e.n_pos * C);
+    const std::vector<float> gte0 = gte, gpe0 = gpe;
+    // One unused wte row and wpe row must stay untouched: make sure they are unused.
+    std::vector<bool> used_t(e.vocab, false), used_p(e.n_pos, false);
+    for (int64_t r = 0; r < e.rows; ++r)
+      if (e.positions[r] >= 0) used_t[e.tokens[r]] = true, used_p[e.positions[r]] = true;
+
+    embedding_backward(e.rows, C, e.dout.data(), e.tokens.data(), e.positions.data(),
+                       gte.data(), gpe.data());
+
+    std::vector<float> sim_t = gte0, sim_p = gpe0;
+    std::vector<double> ref_t = widen(gte0), ref_p = widen(gpe0), mag_t(gte0.size()),
+                        mag_p(gpe0.size());
+    std::vector<int64_t> cnt_t(e.vocab, 0), cnt_p(e.n_pos, 0);
+    for (size_t k = 0; k < gte0.size(); ++k) mag_t[k] = std::fabs(gte0[k]);
+    for (size_t k = 0; k < gpe0.size(); ++k) mag_p[k] = std::fabs(gpe0[k]);
+    for (int64_t r = 0; r < e.rows; ++r) {
+      if (e.positions[r] < 0) continue;
+      const int64_t t = e.tokens[r], p = e.positions[r];
+      ++cnt_t[t], ++cnt_p[p];
+      for (int64_t c = 0; c < C; ++c) {
+        const float g = e.dout[r * C + c];
+        sim_t[t * C + c] += g, sim_p[p * C + c] += g;
+        ref_t[t * C + c] += g, ref_p[p * C + c] += g;
+        mag_t[t * C + c] += std::fabs(g), mag_p[p * C + c] += std::fabs(g);
+      }
+    }
+    CHECK_BITWISE_EQUAL(gte.data(), sim_t.data(), e.vocab * C, "grad_wte vs row-order sum");
+    CHECK_BITWISE_EQUAL(gpe.data(), sim_p.data(), e.n_pos * C, "grad_wpe vs row-order sum");
+    for (int64_t k = 0; k < e.vocab * C; ++k)
+      CHECK_NEAR(gte[k], ref_t[k], (cnt_t[k / C] + 1) * 6e-8 * mag_t[k], 0.0);
+    for (int64_t k = 0; k < e.n_pos * C; ++k)
+      CHECK_NEAR(gpe[k], ref_p[k], (cnt_p[k / C] + 1) * 6e-8 * mag_p[k], 0.0);
+    for (int64_t v = 0; v < e.vocab; ++v)
+      if (!used_t[v]) CHECK_BITWISE_EQUAL(&gte[v * C], &gte0[v * C], C, "unused wte row");
+
+    std::vector<float> gte_only = gte0;
+    embedding_backward(e.rows, C, e.dout.data(), e.tokens.data(), e.positions.data(),
+                       gte_only.data(), nullptr);
+    CHECK_BITWISE_EQUAL(gte_only.data(), gte.data(), e.vocab * C, "grad_wte without wpe");
+
+    // The same call on one thread gives the same bits.
+    std::vector<float> st = gte0, sp = gpe0;
+    run_single_threaded([&] {
+      embedding_backward(e.rows, C, e.dout.data(), e.tokens.data(), e.positions.data(),
+                         st.data(), sp.data());
+    });
+    CHECK_BITWISE_EQUAL(st.data(), gte.data(), e.vocab * C, "grad_wte single-threaded");
+    CHECK_BITWISE_EQUAL(sp.data(), gpe.data(), e.n_pos * C, "grad_wpe single-threaded");
+  }
+}
+
+TEST(embedding_gradient_matches_finite_differences) {
+  // L = sum dout * out(wte, wpe) is linear, so central differences of the float64 forward
+  // (h = 1e-3) are exact up to rounding ~1e-16 |L| / h: 1e-9 absolute. The kernel's
+  // gradient (from zero) is then within the float tolerance of the embedding test.
+  tu::Rng rng(103);
+  const EmbCase e = make_emb(rng, 23, 3, 4, 5);
+  const std::vector<double> wte = widen(e.wte), wpe = widen(e.wpe), dout = widen(e.dout);
+  auto loss = [&](const std::vector<double>& t, const std::vector<double>& p) {
+    const std::vector<double> out = emb_ref(e, t, p);
+    double l = 0.0;
+    for (size_t k = 0; k < out.size(); ++k) l += dout[k] * out[k];
+    return l;
+  };
+  std::vector<float> gte(e.vocab * e.C, 0.0f), gpe(e.n_pos * e.C, 0.0f);
+  embedding_backward(e.rows, e.C, e.dout.data(), e.tokens.data(), e.positions.data(),
+                     gte.data(), gpe.data());
+  double mag = 0.0;
+  for (float g : e.dout) mag += std::fabs(g);
+  const double h = 1e-3;
+  for (size_t k = 0; k < wte.size(); ++k) {
+    std::vector<double> tp = wte, tm = wte;
+    tp[k] += h, tm[k] -= h;
+    const double fd = (loss(tp, wpe) - loss(tm, wpe)) / (2 * h);
+    CHECK_NEAR_CTX(gte[k], fd, 1e-9 + 3e-6 * mag, 0.0, "d/dwte " + std::to_string(k));
+  }
+  for (size_t k = 0; k < wpe.size(); ++k) {
+    std::vector<double> pp = wpe, pm = wpe;
+    pp[k] += h, pm[k] -= h;
+    const double fd = (loss(wte, pp) - loss(wte, pm)) / (2 * h);
+    CHECK_NEAR_CTX(gpe[k], fd, 1e-9 + 3e-6 * mag, 0.0, "d/dwpe " + std::to_string(k));
+  }
+}
+
+TEST(add_bias_and_bias_backward_match_reference) {
+  // add_bias: one float add per element, so bit-equal to the rounded float64 sum.
+  // bias_backward: bit for bit against a float simulation of the contract's order (rows
+  // in fixed chunks, chunk order: the chunking of layernorm_backward, min(64, ceil(rows /
+  // 8)) chunks of ceil(rows / chunks) rows), and within rows * 6e-8 * (|g0| + sum|terms|)
+  // of the float64 sum (float rounding of at most rows + chunks additions).
+  tu::Rng rng(104);
+  const int64_t shapes[][2] = {{1, 1}, {3, 5}, {8, 7}, {9, 16}, {77, 33}, {600, 768}, {1000, 3}};
+  for (const auto& s : shapes) {
+    const int64_t rows = s[0], C = s[1];
+    const std::vector<float> bias = tu::normal(rng, C), x = tu::normal(rng, rows * C, 0.0, 3.0);
+    std::vector<float> out = x;
+    add_bias(rows, C, bias.data(), out.data());
+    std::vector<float> want(rows * C);
+    for (int64_t k = 0; k < rows * C; ++k)
+      want[k] = static_cast<float>(static_cast<double>(x[k]) + bias[k % C]);
+    CHECK_BITWISE_EQUAL(out.data(), want.data(), rows * C, "add_bias");
+
+    const std::vector<float> g = tu::normal(rng, rows * C), gb0 = tu::normal(rng, C);
+    std::vector<float> gb = gb0;
+    bias_backward(rows, C, g.data(), gb.data());
+    int64_t chunks = std::min<int64_t>(64, (rows + 7) / 8);
+    const int64_t per = (rows + chunks - 1) / chunks;
+    chunks = (rows + per - 1) / per;
+    std::vector<float> sim = gb0;
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t c = 0; c < C; ++c) {
+        float part = 0.0f;
+        for (int64_t r = k * per; r < std::min(rows, (k + 1) * per); ++r) part += g[r * C + c];
+        sim[c] += part;
+      }
+    CHECK_BITWISE_EQUAL(gb.data(), sim.data(), C, "bias_backward vs chunked sum");
+    for (int64_t c = 0; c < C; ++c) {
+      double sum = gb0[c], mag = std::fabs(gb0[c]);
+      for (int64_t r = 0; r < rows; ++r) sum += g[r * C + c], mag += std::fabs(g[r * C + c]);
+      CHECK_NEAR(gb[c], sum, (rows + 1) * 6e-8 * mag, 0.0);
+    }
+    std::vector<float> single = gb0;
+    run_single_threaded([&] { bias_backward(rows, C, g.data(), single.data()); });
+    CHECK_BITWISE_EQUAL(single.data(), gb.data(), C, "bias_backward single-threaded");
+  }
+}
+
+TEST(bias_gradient_matches_finite_differences) {
+  // L = sum dout * (x + bias) is linear in bias: central differences (h = 1e-3) of the
+  // float64 forward are exact to ~1e-12; the kernel within 1e-6 * sum|dout|.
+  tu::Rng rng(105);
+  const int64_t rows = 11, C = 6;
+  const std::vector<float> x = tu::normal(rng, rows * C), bias = tu::normal(rng, C),
+                           dout = tu::normal(rng, rows * C);
+  auto loss = [&](const std::vector<double>& b) {
+    double l = 0.0;
+    for (int64_t k = 0; k < rows * C; ++k) l += dout[k] * (static_cast<double>(x[k]) + b[k % C]);
+    return l;
+  };
+  std::vector<float> gb(C, 0.0f);
+  bias_backward(rows, C, dout.data(), gb.data());
+  double mag = 0.0;
+  for (float v : dout) mag += std::fabs(v);
+  for (int64_t c = 0; c < C; ++c) {
+    std::vector<double> bp = widen(bias), bm = widen(bias);
+    bp[c] += 1e-3, bm[c] -= 1e-3;
+    const double fd = (loss(bp) - loss(bm)) / 2e-3;
+    CHECK_NEAR_CTX(gb[c], fd, 1e-6 * mag, 0.0, "d/dbias " + std::to_string(c));
+  }
+}
+
+TEST(add_and_accumulate_match_reference) {
+  // One float add per element: bit-equal to the rounded float64 sum, also in place
+  // (out == a, out == b) and across the thread split (n = 300001, odd).
+  tu::Rng rng(106);
+  for (int64_t n : {1, 17, 300001}) {
+    const std::vector<float> a = tu::normal(rng, n, 0.0, 10.0), b = tu::normal(rng, n);
+    std::vector<float> want(n);
+    for (int64_t i = 0; i < n; ++i) want[i] = static_cast<float>(static_cast<double>(a[i]) + b[i]);
+    std::vector<float> out = tu::poisoned(n);
+    add(n, a.data(), b.data(), out.data());
+    CHECK_BITWISE_EQUAL(out.data(), want.data(), n, "add");
+    std::vector<float> in_a = a;
+    add(n, in_a.data(), b.data(), in_a.data());
+    CHECK_BITWISE_EQUAL(in_a.data(), want.data(), n, "add out == a");
+    std::vector<float> in_b = b;
+    add(n, a.data(), in_b.data(), in_b.data());
+    CHECK_BITWISE_EQUAL(in_b.data(), want.data(), n, "add out == b");
+    std::vector<float> y = a;
+    accumulate(n, b.data(), y.data());
+    CHECK_BITWISE_EQUAL(y.data(), want.data(), n, "accumulate");
+  }
+}
+
+TEST(small_kernels_checksum_and_errors) {
+  using ppo::ErrorCode;
+  // Checksum of the reductions on sizes that spread over threads (compare across
+  // PPO_MAX_THREADS runs).
+  tu::Rng rng(107);
+  const EmbCase e = make_emb(rng, 300, 768, 50, 64);
+  std::vector<float> gte(e.vocab * e.C, 0.0f), gpe(e.n_pos * e.C, 0.0f), gb(e.C, 0.0f);
+  embedding_backward(e.rows, e.C, e.dout.data(), e.tokens.data(), e.positions.data(),
+                     gte.data(), gpe.data());
+  bias_backward(e.rows, e.C, e.dout.data(), gb.data());
+  uint64_t h = 1469598103934665603ull;
+  for (const std::vector<float>* v : {&gte, &gpe, &gb}) h = fnv1a(h, *v);
+  std::printf("    checksum %016llx (must not depend on PPO_MAX_THREADS)\n",
+              static_cast<unsigned long long>(h));
+
+  float f[8] = {0}, o[8];
+  int32_t t[2] = {0, 0}, p[2] = {0, 1};
+  CHECK_THROWS_CODE(embedding_forward(-1, 4, t, p, f, f, o), ErrorCode::InvalidArgument, "rows");
+  CHECK_THROWS_CODE(embedding_forward(2, -4, t, p, f, f, o), ErrorCode::InvalidArgument, "channels");
+  CHECK_THROWS_CODE(embedding_forward(2, 4, nullptr, p, f, f, o), ErrorCode::InvalidArgument, "tokens");
+  CHECK_THROWS_CODE(embedding_forward(2, 4, t, nullptr, f, f, o), ErrorCode::InvalidArgument, "positions");
+  CHECK_THROWS_CODE(embedding_forward(2, 4, t, p, nullptr, f, o), ErrorCode::InvalidArgument, "wte");
+  CHECK_THROWS_CODE(embedding_forward(2, 4, t, p, f, nullptr, o), ErrorCode::InvalidArgument, "wpe");
+  CHECK_THROWS_CODE(embedding_forward(2, 4, t, p, f, f, nullptr), ErrorCode::InvalidArgument, "out");
+  CHECK_NO_THROW(embedding_forward(0, 4, nullptr, nullptr, nullptr, nullptr, nullptr));
+  CHECK_THROWS_CODE(embedding_backward(-1, 4, f, t, p, o, o), ErrorCode::InvalidArgument, "rows");
+  CHECK_THROWS_CODE(embedding_backward(2, -1, f, t, p, o, o), ErrorCode::InvalidArgument, "channels");
+  CHECK_THROWS_CODE(embedding_backward(2, 4, nullptr, t, p, o, o), ErrorCode::InvalidArgument, "grad_out");
+  CHECK_THROWS_CODE(embedding_backward(2, 4, f, nullptr, p, o, o), ErrorCode::InvalidArgument, "tokens");
+  CHECK_THROWS_CODE(embedding_backward(2, 4, f, t, nullptr, o, o), ErrorCode::InvalidArgument, "positions");
+  CHECK_THROWS_CODE(embedding_backward(2, 4, f, t, p, nullptr, o), ErrorCode::InvalidArgument, "grad_wte");
+  CHECK_NO_THROW(embedding_backward(2, 0, nullptr, nullptr, nullptr, nullptr, nullptr));
+  CHECK_THROWS_CODE(add_bias(-1, 4, f, o), ErrorCode::InvalidArgument, "rows");
+  CHECK_THROWS_CODE(add_bias(2, 4, nullptr, o), ErrorCode::InvalidArgument, "bias");
+  CHECK_THROWS_CODE(add_bias(2, 4, f, nullptr), ErrorCode::InvalidArgument, "out");
+  CHECK_NO_THROW(add_bias(0, 4, nullptr, nullptr));
+  CHECK_THROWS_CODE(bias_backward(2, -4, f, o), ErrorCode::InvalidArgument, "channels");
+  CHECK_THROWS_CODE(bias_backward(2, 4, nullptr, o), ErrorCode::InvalidArgument, "grad_out");
+  CHECK_THROWS_CODE(bias_backward(2, 4, f, nullptr), ErrorCode::InvalidArgument, "grad_bias");
+  CHECK_NO_THROW(bias_backward(0, 4, nullptr, nullptr));
+  CHECK_THROWS_CODE(add(-1, f, f, o), ErrorCode::InvalidArgument, "n");
+  CHECK_THROWS_CODE(add(3, nullptr, f, o), ErrorCode::InvalidArgument, "a");
+  CHECK_THROWS_CODE(add(3, f, nullptr, o), ErrorCode::InvalidArgument, "b");
+  CHECK_THROWS_CODE(add(3, f, f, nullptr), ErrorCode::InvalidArgument, "out");
+  CHECK_NO_THROW(add(0, nullptr, nullptr, nullptr));
+  CHECK_THROWS_CODE(accumulate(-1, f, o), ErrorCode::InvalidArgument, "n");
+  CHECK_THROWS_CODE(accumulate(3, nullptr, o), ErrorCode::InvalidArgument, "x");
+  CHECK_THROWS_CODE(accumulate(3, f, nullptr), ErrorCode::InvalidArgument, "y");
+  CHECK_NO_THROW(accumulate(0, nullptr, nullptr));
+}
+
 PPO_TEST_MAIN()

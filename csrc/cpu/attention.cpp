@@ -1,0 +1,739 @@
+// Causal multi-head self-attention on the CPU: forward, backward and the KV-cache decode
+// step (see attention.h for the contracts). llm.c's math, arranged so that every hot loop
+// is a contiguous, vectorizable stream with independent accumulators:
+//
+//   scores   Each (b, h) gathers its keys transposed, KT [hs, ld] (KT[i, s] = k_s[i],
+//            zero past the valid keys, ld a multiple of kBlock). A query row's scores are
+//            then, per block of kBlock keys, kBlock accumulators acc[j] += q[i] KT[i, s0+j]
+//            over i: no horizontal reductions, and every score is one sum over i in
+//            ascending order, whichever block it falls in.
+//   softmax  scaled, max-subtracted, fast_exp; the max and the sum in kLanes lanes over
+//            the row padded with -inf to whole lane blocks (exp(-inf) = 0 exactly).
+//   values   out = sum_s p[s] v_s, s ascending, hs accumulators (hs = 64, GPT-2's head
+//            size, is compiled with a constant width so they live in registers).
+//
+// The backward has the same three shapes: d_att[t, s] = dout_t . v_s is the score kernel
+// on VT [hs, ld]; d_q_t = scale sum_s d_preatt[t, s] k_s is a value sum along a row of
+// d_preatt (kept in a [T, T] scratch); d_v_s = sum_{t >= s} att[t, s] dout_t and
+// d_k_s = scale sum_{t >= s} d_preatt[t, s] q_t are value sums down a column (weights
+// read with a stride), t ascending.
+//
+// Register blocking: with 32 vector registers of 16 floats (AVX-512), one row's 64
+// accumulators are 4 dependency chains, too few to hide the fma latency, so two rows
+// (query rows, or key columns in the backward) go through the kernels together, sharing
+// the loads of KT / V. Elsewhere (AVX2: 8 registers per row already) one row at a time.
+// A row's arithmetic is the same either way: each output is the same chain of operations
+// in the same order, so the grouping never changes a bit.
+//
+// Determinism: work is split over (b, h) only; each (b, h) owns the columns h*hs..(h+1)*hs
+// of every row of out / grad_qkv (and of the cache in decode) and the att rows of its
+// head, so no two threads touch one element, and every sum runs in an order that depends
+// on nothing but the shapes. The decode step runs the same row kernels as the forward on
+// the same (gathered) operands, so a decode output has the same bits as the forward's
+// output at that position.
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "cpu/vec_math.h"
+
+#define PPO_ATTN_INLINE inline __attribute__((always_inline))
+
+namespace ppo::cpu {
+namespace {
+
+// ---- the vector types ------------------------------------------------------------------
+// The accumulators are GCC/Clang vector-extension values, not float arrays: GCC keeps a
+// float array of accumulators that several loops share in memory (a store and a reload
+// per step), while a vector value lives in a register - provided the instruction set has
+// registers of that width (a 64-byte vector on AVX2 has no machine mode and lives on the
+// stack). Hence one vector type per instruction set, chosen at run time (see Isa): vf16
+// for AVX-512, vf8 for AVX2, vf4 for SSE2 and other CPUs (NEON). Vectors are passed by
+// reference only (by value they would change the ABI between targets: -Wpsabi).
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf16 __attribute__((vector_size(16 * sizeof(float))));
+
+template <class V>
+constexpr int kVecLanes = static_cast<int>(sizeof(V) / sizeof(float));
+
+template <class V>
+PPO_ATTN_INLINE void load_vec(const float* p, V& v) {
+  std::memcpy(&v, p, sizeof v);
+}
+
+// out[0, lanes) = v, or out += alpha * v.
+template <class V>
+PPO_ATTN_INLINE void store_vec(float* out, const V& v, const float* alpha) {
+  V r = v;
+  if (alpha) {
+    V o;
+    load_vec(out, o);
+    r = o + *alpha * v;
+  }
+  std::memcpy(out, &r, sizeof r);
+}
+
+// ---- the tile kernels ------------------------------------------------------------------
+// For the rows r and columns c of a tile:
+//   acc_r[c] = sum_{j in [lo_r, hi_r)} w_r[j * ws] * m[j * ld + c],   j ascending,
+// then out_r[c] = acc_r[c] (alpha == nullptr) or out_r[c] += *alpha * acc_r[c].
+// Every acc_r[c] is the same chain of multiply-adds (acc += w * m) in every tile shape and
+// vector width, so how rows and columns are grouped into tiles never changes a result
+// (only the instruction set can: with or without fused multiply-add). The scores
+// (weights q, matrix KT), the value sums (weights p, matrix V) and every sum of the
+// backward are these kernels.
+//
+// Tiles are kRows rows x kW * CH columns (kW = 16 floats), or one row x 64 columns: 4 rows
+// share each slice loaded from the streamed matrix, and the tile's accumulators (8
+// registers: AVX-512 with CH = 2, AVX2 with CH = 1) are enough independent chains to keep
+// the fma units busy.
+constexpr int64_t kW = kLanes;
+constexpr int kRows = 4;
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// kRows rows x CH * 16 columns. Each row's range in order: its own leading part
+// [lo_r, slo), the stretch [slo, shi) shared by all rows (one slice load serves all of
+// them), its own trailing part.
+template <class V, int CH>
+PPO_ATTN_INLINE void tile_rows(const int64_t* lo, const int64_t* hi, const float* const* w,
+                               int64_t ws, const float* __restrict m, int64_t ld,
+                               const float* alpha, float* const* out) {
+  constexpr int L = kVecLanes<V>, NV = CH * static_cast<int>(kW) / L;
+  static_assert(kRows == 4, "the leading/trailing parts below are written out for 4 rows");
+  int64_t slo = lo[0], shi = hi[0];
+  for (int r = 1; r < kRows; ++r) {
+    slo = std::max(slo, lo[r]);
+    shi = std::min(shi, hi[r]);
+  }
+  if (slo > shi) shi = slo;  // nothing shared: the leading and trailing parts cover all
+
+  V acc[kRows][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  auto own = [&](V (&a)[NV], int r, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const float wj = w[r][j * ws];
+      const float* row = m + j * ld;
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        V x;
+        load_vec(row + v * L, x);
+        a[v] += wj * x;
+      }
+    }
+  };
+  own(acc[0], 0, lo[0], std::min(slo, hi[0]));
+  own(acc[1], 1, lo[1], std::min(slo, hi[1]));
+  own(acc[2], 2, lo[2], std::min(slo, hi[2]));
+  own(acc[3], 3, lo[3], std::min(slo, hi[3]));
+  const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+  for (int64_t j = slo; j < shi; ++j) {
+    const float* row = m + j * ld;
+    const float x0 = w0[j * ws], x1 = w1[j * ws], x2 = w2[j * ws], x3 = w3[j * ws];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      V x;
+      load_vec(row + v * L, x);
+      acc[0][v] += x0 * x;
+      acc[1][v] += x1 * x;
+      acc[2][v] += x2 * x;
+      acc[3][v] += x3 * x;
+    }
+  }
+  own(acc[0], 0, std::max(shi, lo[0]), hi[0]);
+  own(acc[1], 1, std::max(shi, lo[1]), hi[1]);
+  own(acc[2], 2, std::max(shi, lo[2]), hi[2]);
+  own(acc[3], 3, std::max(shi, lo[3]), hi[3]);
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) store_vec(out[r] + v * L, acc[r][v], alpha);
+}
+
+// One row x NC columns (NC = 64: four or more independent chains; NC = 16: one slice).
+template <class V, int NC>
+PPO_ATTN_INLINE void tile_row(int64_t lo, int64_t hi, const float* w, int64_t ws,
+                              const float* __restrict m, int64_t ld, const float* alpha,
+                              float* out) {
+  constexpr int L = kVecLanes<V>, NV = NC / L;
+  V acc[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
+  for (int64_t j = lo; j < hi; ++j) {
+    const float wj = w[j * ws];
+    const float* row = m + j * ld;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      V x;
+      load_vec(row + v * L, x);
+      acc[v] += wj * x;
+    }
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) store_vec(out + v * L, acc[v], alpha);
+}
+
+// One row x `width` < 16 columns (head sizes that are not a multiple of 16).
+PPO_ATTN_INLINE void tile_narrow(int64_t lo, int64_t hi, const float* w, int64_t ws,
+                                 const float* __restrict m, int64_t ld, int64_t width,
+                                 const float* alpha, float* out) {
+  float acc[kW] = {};
+  for (int64_t j = lo; j < hi; ++j) {
+    const float wj = w[j * ws];
+    const float* row = m + j * ld;
+    for (int64_t c = 0; c < width; ++c) acc[c] += wj * row[c];
+  }
+  for (int64_t c = 0; c < width; ++c) out[c] = alpha ? out[c] + *alpha * acc[c] : acc[c];
+}
+
+// The sums over all columns c < width of R rows (R = kRows or 1), tile by tile: kRows
+// rows go CH * 16 columns at a time, then 16; one row 64 columns at a time, then 16; then
+// the narrow rest.
+template <class V, int CH, int R>
+PPO_ATTN_INLINE void rows_sum(const int64_t* lo, const int64_t* hi, const float* const* w,
+                              int64_t ws, const float* m, int64_t ld, int64_t width,
+                              const float* alpha, float* const* out) {
+  static_assert(R == kRows || R == 1, "tiles are kRows rows or one row");
+  int64_t c0 = 0;
+  if constexpr (R == kRows) {
+    float* o[kRows];
+    for (; c0 + CH * kW <= width; c0 += CH * kW) {
+      for (int r = 0; r < kRows; ++r) o[r] = out[r] + c0;
+      tile_rows<V, CH>(lo, hi, w, ws, m + c0, ld, alpha, o);
+    }
+    if constexpr (CH > 1) {
+      for (; c0 + kW <= width; c0 += kW) {
+        for (int r = 0; r < kRows; ++r) o[r] = out[r] + c0;
+        tile_rows<V, 1>(lo, hi, w, ws, m + c0, ld, alpha, o);
+      }
+    }
+  } else {
+    for (; c0 + 4 * kW <= width; c0 += 4 * kW)
+      tile_row<V, 4 * kW>(lo[0], hi[0], w[0], ws, m + c0, ld, alpha, out[0] + c0);
+  }
+  for (int r = 0; r < R; ++r) {  // what is left: 16-column tiles, then the narrow rest
+    int64_t c = c0;
+    for (; c + kW <= width; c += kW)
+      tile_row<V, kW>(lo[r], hi[r], w[r], ws, m + c, ld, alpha, out[r] + c);
+    if (c < width) tile_narrow(lo[r], hi[r], w[r], ws, m + c, ld, width - c, alpha, out[r] + c);
+  }
+}
+
+// ---- softmax ---------------------------------------------------------------------------
+
+// Sum / max of kLanes lanes by a fixed pairwise tree (lanes[j] op= lanes[j + half]):
+// short dependency chains, and vectorizable.
+PPO_ATTN_INLINE float lanes_sum(float (&v)[kLanes]) {
+#pragma GCC unroll 8
+  for (int half = kLanes / 2; half >= 1; half /= 2)
+#pragma GCC unroll 16
+    for (int j = 0; j < half; ++j) v[j] += v[j + half];
+  return v[0];
+}
+PPO_ATTN_INLINE float lanes_max(float (&v)[kLanes]) {
+#pragma GCC unroll 8
+  for (int half = kLanes / 2; half >= 1; half /= 2)
+#pragma GCC unroll 16
+    for (int j = 0; j < half; ++j) v[j] = v[j + half] > v[j] ? v[j + half] : v[j];
+  return v[0];
+}
+
+// In place: x[0, n) = softmax(scale * x), max-subtracted. The row is processed in whole
+// lane blocks: x[n, round_up(n, kLanes)) must be readable (any finite value) and ends as
+// 0 (the scaled scores there are replaced by -inf, whose exp is exactly 0). Lane j of the
+// max and of the sum takes s = j mod kLanes.
+PPO_ATTN_INLINE void softmax_row(int64_t n, float scale, float* __restrict x) {
+  const int64_t n_pad = round_up(n, kLanes);
+  float mx[kLanes];
+  for (int j = 0; j < kLanes; ++j) mx[j] = -INFINITY;
+  for (int64_t s = 0; s < n_pad; s += kLanes)
+#pragma GCC unroll 1  // kept a loop for the vectorizer: fully unrolled, the selects stay scalar
+    for (int j = 0; j < kLanes; ++j) {
+      const float z = s + j < n ? scale * x[s + j] : -INFINITY;
+      x[s + j] = z;
+      mx[j] = z > mx[j] ? z : mx[j];
+    }
+  const float m = lanes_max(mx);
+
+  float sum[kLanes] = {};
+  for (int64_t s = 0; s < n_pad; s += kLanes)
+#pragma GCC unroll 1
+    for (int j = 0; j < kLanes; ++j) {
+      const float e = fast_exp(x[s + j] - m);  // -inf padding: exactly 0
+      x[s + j] = e;
+      sum[j] += e;
+    }
+  const float inv = 1.0f / lanes_sum(sum);
+  for (int64_t s = 0; s < n_pad; s += kLanes)
+#pragma GCC unroll 1
+    for (int j = 0; j < kLanes; ++j) x[s + j] *= inv;
+}
+
+// Softmax backward of one row: dp[s] = p[s] * (da[s] - sum_u p[u] da[u]), s < n; the sum
+// in kLanes lanes (the tail in lanes 0..), combined by the tree.
+PPO_ATTN_INLINE void softmax_backward_row(int64_t n, const float* __restrict p,
+                                          const float* __restrict da, float* __restrict dp) {
+  float lanes[kLanes] = {};
+  int64_t s = 0;
+  for (; s + kLanes <= n; s += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += p[s + j] * da[s + j];
+  for (int j = 0; s + j < n; ++j) lanes[j] += p[s + j] * da[s + j];
+  const float dot = lanes_sum(lanes);
+  for (s = 0; s < n; ++s) dp[s] = p[s] * (da[s] - dot);
+}
+
+// mt[i * ld + s] = src[s * src_ld + i] for s < n, i < hs; columns [n, ld) set to 0, so
+// whole 16-column score tiles read finite values.
+PPO_ATTN_INLINE void gather_transposed(int64_t n, int64_t hs, const float* __restrict src,
+                                       int64_t src_ld, int64_t ld, float* __restrict mt) {
+  for (int64_t s = 0; s < n; ++s) {
+    const float* row = src + s * src_ld;
+    for (int64_t i = 0; i < hs; ++i) mt[i * ld + s] = row[i];
+  }
+  for (int64_t i = 0; i < hs; ++i)
+    for (int64_t s = n; s < ld; ++s) mt[i * ld + s] = 0.0f;
+}
+
+// ---- one (b, h) of each op -------------------------------------------------------------
+
+// One (b, h): its valid length, and q of row t at q + t * C3 (k at + C, v at + 2C).
+struct Head {
+  int64_t len, T, hs, C, C3;
+  float scale;
+  const float* q;
+};
+
+// R query rows t0..t0+R-1 of the forward: p_r [round_up(T, kW)] gets row t0 + r's
+// probabilities, out_r its output. kt: KT [hs, ld].
+template <class V, int CH, int R>
+PPO_ATTN_INLINE void forward_rows(const Head& hd, int64_t t0, const float* kt, int64_t ld,
+                                  float* const* p, float* const* out) {
+  int64_t lo[R], hi_k[R], hi_v[R];
+  const float* x[R];
+  const float* pw[R];
+  for (int r = 0; r < R; ++r) {
+    lo[r] = 0, hi_k[r] = hd.hs, hi_v[r] = t0 + r + 1;
+    x[r] = hd.q + (t0 + r) * hd.C3;
+    pw[r] = p[r];
+  }
+  // Scores of keys 0..t0+R-1 (later keys of the earlier rows are computed and ignored).
+  rows_sum<V, CH, R>(lo, hi_k, x, 1, kt, ld, round_up(t0 + R, kW), nullptr, p);
+  for (int r = 0; r < R; ++r) softmax_row(t0 + r + 1, hd.scale, p[r]);
+  rows_sum<V, CH, R>(lo, hi_v, pw, 1, hd.q + 2 * hd.C, hd.C3, hd.hs, nullptr, out);
+}
+
+// Forward of one head: out rows t < len (this head's columns) and, when att_bh, att rows
+// t < len. Scratch: kt [hs, round_up(T, kW)], p kRows rows of round_up(T, kW).
+template <class V, int CH>
+PPO_ATTN_INLINE void forward_head(const Head& hd, float* kt, float* p, float* out_bh,
+                                  float* att_bh) {
+  const int64_t len = hd.len, T = hd.T, p_ld = round_up(T, kW), ld = round_up(len, kW);
+  gather_transposed(len, hd.hs, hd.q + hd.C, hd.C3, ld, kt);
+  float* pr[kRows];
+  float* o[kRows];
+  for (int r = 0; r < kRows; ++r) pr[r] = p + r * p_ld;
+  for (int64_t t0 = 0; t0 < len;) {
+    const int rows = len - t0 >= kRows ? kRows : 1;
+    for (int r = 0; r < rows; ++r) o[r] = out_bh + (t0 + r) * hd.C;
+    if (rows == kRows)
+      forward_rows<V, CH, kRows>(hd, t0, kt, ld, pr, o);
+    else
+      forward_rows<V, CH, 1>(hd, t0, kt, ld, pr, o);
+    if (att_bh)
+      for (int r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r;
+        float* a = att_bh + t * T;
+        for (int64_t s = 0; s <= t; ++s) a[s] = pr[r][s];
+        for (int64_t s = t + 1; s < T; ++s) a[s] = 0.0f;
+      }
+    t0 += rows;
+  }
+}
+
+// Backward rows t0..t0+R-1: d_att (the score kernel on VT), d_preatt rows (kept in dpre
+// [T, T] for the column sums), d_q. gq: the q part of row 0 of this head in grad_qkv.
+template <class V, int CH, int R>
+PPO_ATTN_INLINE void backward_rows(const Head& hd, int64_t t0, const float* go,
+                                   const float* att_bh, const float* vt, int64_t ld,
+                                   float* const* da, float* dpre, float* gq) {
+  const int64_t T = hd.T, C = hd.C, C3 = hd.C3;
+  int64_t lo[R], hi_i[R], hi_s[R];
+  const float* x[R];
+  const float* dp[R];
+  float* g[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t t = t0 + r;
+    lo[r] = 0, hi_i[r] = hd.hs, hi_s[r] = t + 1;
+    x[r] = go + t * C;
+    dp[r] = dpre + t * T;
+    g[r] = gq + t * C3;
+  }
+  rows_sum<V, CH, R>(lo, hi_i, x, 1, vt, ld, round_up(t0 + R, kW), nullptr, da);  // dout_t . v_s
+  for (int r = 0; r < R; ++r)
+    softmax_backward_row(t0 + r + 1, att_bh + (t0 + r) * T, da[r], dpre + (t0 + r) * T);
+  rows_sum<V, CH, R>(lo, hi_s, dp, 1, hd.q + C, C3, hd.hs, &hd.scale, g);  // d_q_t
+}
+
+// Backward columns (keys) s0..s0+R-1: d_v_s and d_k_s, sums over the query rows t in
+// [s, len) of a column of att / d_preatt.
+template <class V, int CH, int R>
+PPO_ATTN_INLINE void backward_cols(const Head& hd, int64_t s0, const float* go,
+                                   const float* att_bh, const float* dpre, float* gq) {
+  const int64_t T = hd.T, C = hd.C, C3 = hd.C3;
+  int64_t lo[R], hi[R];
+  const float* pa[R];
+  const float* dpa[R];
+  float* gk[R];
+  float* gv[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t s = s0 + r;
+    lo[r] = s, hi[r] = hd.len;  // query rows t in [s, len)
+    pa[r] = att_bh + s;         // att[t, s] at pa[r][t * T]
+    dpa[r] = dpre + s;
+    gk[r] = gq + C + s * C3;
+    gv[r] = gq + 2 * C + s * C3;
+  }
+  const float one = 1.0f;
+  rows_sum<V, CH, R>(lo, hi, pa, T, go, C, hd.hs, &one, gv);            // sum_t att dout_t
+  rows_sum<V, CH, R>(lo, hi, dpa, T, hd.q, C3, hd.hs, &hd.scale, gk);  // sum_t dpre q_t
+}
+
+// Backward of one head (len >= 1), accumulating into grad_qkv (gq: this head's q part of
+// row 0). Scratch: vt [hs, round_up(T, kW)], da kRows rows of round_up(T, kW), dpre [T, T].
+template <class V, int CH>
+PPO_ATTN_INLINE void backward_head(const Head& hd, const float* go, const float* att_bh,
+                                   float* gq, float* vt, float* da, float* dpre) {
+  const int64_t len = hd.len, ld = round_up(len, kW), da_ld = round_up(hd.T, kW);
+  gather_transposed(len, hd.hs, hd.q + 2 * hd.C, hd.C3, ld, vt);
+  float* dar[kRows];
+  for (int r = 0; r < kRows; ++r) dar[r] = da + r * da_ld;
+  // Rows first (d_preatt of every row is needed by the column sums), then columns.
+  for (int64_t t0 = 0; t0 < len;) {
+    if (len - t0 >= kRows) {
+      backward_rows<V, CH, kRows>(hd, t0, go, att_bh, vt, ld, dar, dpre, gq);
+      t0 += kRows;
+    } else {
+      backward_rows<V, CH, 1>(hd, t0, go, att_bh, vt, ld, dar, dpre, gq);
+      t0 += 1;
+    }
+  }
+  for (int64_t s0 = 0; s0 < len;) {
+    if (len - s0 >= kRows) {
+      backward_cols<V, CH, kRows>(hd, s0, go, att_bh, dpre, gq);
+      s0 += kRows;
+    } else {
+      backward_cols<V, CH, 1>(hd, s0, go, att_bh, dpre, gq);
+      s0 += 1;
+    }
+  }
+}
+
+// One decode query (q) of one head over cache rows 0..n-1 (k rows at kc + s * C, v rows
+// at vc + s * C): the forward's one-row path on the same gathered operands, hence the
+// same bits as the forward's row n - 1. Scratch: kt [hs, round_up(n, kW)], p the same.
+template <class V, int CH>
+PPO_ATTN_INLINE void decode_head(int64_t n, int64_t hs, float scale, int64_t C, const float* q,
+                                 const float* kc, const float* vc, float* kt, float* p,
+                                 float* out) {
+  const int64_t ld = round_up(n, kW);
+  gather_transposed(n, hs, kc, C, ld, kt);
+  const int64_t lo[1] = {0}, hi_k[1] = {hs}, hi_v[1] = {n};
+  const float* x[1] = {q};
+  const float* pw[1] = {p};
+  float* pr[1] = {p};
+  float* o[1] = {out};
+  rows_sum<V, CH, 1>(lo, hi_k, x, 1, kt, ld, ld, nullptr, pr);
+  softmax_row(n, scale, p);
+  rows_sum<V, CH, 1>(lo, hi_v, pw, 1, vc, C, hs, nullptr, o);
+}
+
+// ---- instruction sets ------------------------------------------------------------------
+// Each head function is compiled three times on x86-64 - for AVX-512 (vf16 vectors,
+// 32-column tiles), AVX2 + FMA (vf8) and the SSE2 baseline (vf4) - and the one for this
+// CPU is picked once, as matmul.cpp does. (PPO_CPU_MULTIVERSION's target_clones cannot
+// serve here: the vector width must differ between the versions.) Elsewhere (e.g. ARM
+// NEON, 128-bit registers) the portable vf4 version is the only one.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PPO_ATTN_X86 1
+#else
+#define PPO_ATTN_X86 0
+#endif
+
+enum class Isa { Avx512, Avx2, Portable };
+
+// PPO_ATTENTION_ISA=avx2|portable caps the choice (to test and time the fallbacks on a
+// newer CPU, like PPO_MATMUL_ISA); it never selects a version the CPU lacks.
+Isa isa() {
+  static const Isa chosen = [] {
+    const char* forced = std::getenv("PPO_ATTENTION_ISA");
+    const std::string cap = forced ? forced : "";
+#if PPO_ATTN_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && cap != "avx2" && cap != "portable")
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cap != "portable")
+      return Isa::Avx2;
+#endif
+    return Isa::Portable;
+  }();
+  return chosen;
+}
+
+// name_avx512 / name_avx2 / name_portable wrappers of name<V, CH>, and name_dispatch.
+#if PPO_ATTN_X86
+#define PPO_ATTN_VERSIONS(name, params, args)                                              \
+  __attribute__((target("avx512f"))) void name##_avx512 params { name<vf16, 2> args; }    \
+  __attribute__((target("avx2,fma"))) void name##_avx2 params { name<vf8, 1> args; }      \
+  void name##_portable params { name<vf4, 1> args; }                                       \
+  void name##_dispatch params {                                                            \
+    switch (isa()) {                                                                       \
+      case Isa::Avx512: name##_avx512 args; break;                                         \
+      case Isa::Avx2: name##_avx2 args; break;                                             \
+      case Isa::Portable: name##_portable args; break;                                     \
+    }                                                                                      \
+  }
+#else
+#define PPO_ATTN_VERSIONS(name, params, args) \
+  void name##_dispatch params { name<vf4, 1> args; }
+#endif
+
+PPO_ATTN_VERSIONS(forward_head,
+                  (const Head& hd, float* kt, float* p, float* out_bh, float* att_bh),
+                  (hd, kt, p, out_bh, att_bh))
+PPO_ATTN_VERSIONS(backward_head,
+                  (const Head& hd, const float* go, const float* att_bh, float* gq, float* vt,
+                   float* da, float* dpre),
+                  (hd, go, att_bh, gq, vt, da, dpre))
+PPO_ATTN_VERSIONS(decode_head,
+                  (int64_t n, int64_t hs, float scale, int64_t C, const float* q,
+                   const float* kc, const float* vc, float* kt, float* p, float* out),
+                  (n, hs, scale, C, q, kc, vc, kt, p, out))
+
+// ---- validation and scratch -------------------------------------------------------------
+
+void require_size(int64_t value, const char* name) {
+  require(value >= 0, ErrorCode::InvalidArgument,
+          std::string(name) + " must be >= 0, got " + std::to_string(value), name);
+}
+
+void require_data(const void* p, const char* name) {
+  require(p != nullptr, ErrorCode::InvalidArgument, std::string(name) + " must not be null",
+          name);
+}
+
+// The multi-head layout: H >= 1, C >= 1, C % H == 0.
+void require_heads(int64_t C, int64_t H) {
+  require(H >= 1, ErrorCode::InvalidArgument, "H must be >= 1, got " + std::to_string(H), "H");
+  require(C >= 1, ErrorCode::InvalidArgument, "C must be >= 1, got " + std::to_string(C), "C");
+  require(C % H == 0, ErrorCode::InvalidArgument,
+          "C (" + std::to_string(C) + ") must be a multiple of H (" + std::to_string(H) + ")",
+          "C");
+}
+
+// lengths[b] in [0, T] for every b (nullptr: all T).
+void require_lengths(int64_t B, int64_t T, const int32_t* lengths) {
+  if (!lengths) return;
+  for (int64_t b = 0; b < B; ++b)
+    require(lengths[b] >= 0 && lengths[b] <= T, ErrorCode::InvalidArgument,
+            "lengths[" + std::to_string(b) + "] = " + std::to_string(lengths[b]) +
+                " is outside [0, T = " + std::to_string(T) + "]",
+            "lengths");
+}
+
+int64_t length_of(const int32_t* lengths, int64_t b, int64_t T) {
+  return lengths ? static_cast<int64_t>(lengths[b]) : T;
+}
+
+float head_scale(int64_t hs) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(hs)));
+}
+
+// `count` floats of scratch, or ppo::Error(OutOfMemory).
+std::unique_ptr<float[]> scratch(int64_t count, const char* what) {
+  std::unique_ptr<float[]> p(
+      new (std::nothrow) float[static_cast<size_t>(std::max<int64_t>(count, 1))]);
+  require(p != nullptr, ErrorCode::OutOfMemory,
+          std::string(what) + ": cannot allocate " + std::to_string(count) +
+              " floats of scratch");
+  return p;
+}
+
+}  // namespace
+
+// ---- forward ---------------------------------------------------------------------------
+
+void attention_forward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
+                       const float* qkv, float* att, float* out) {
+  require_size(B, "B");
+  require_size(T, "T");
+  require_heads(C, H);
+  if (B == 0 || T == 0) return;
+  require_data(qkv, "qkv");
+  require_data(out, "out");
+  require_lengths(B, T, lengths);
+
+  const int64_t hs = C / H, C3 = 3 * C, ld_max = round_up(T, kW);
+  const float scale = head_scale(hs);
+  parallel_for(
+      B * H,
+      [&](int64_t begin, int64_t end) {
+        // Per chunk, O(T * hs), never T * T: KT [hs, ld_max] and kRows rows of scores.
+        std::unique_ptr<float[]> buf = scratch((hs + kRows) * ld_max, "attention_forward");
+        float* kt = buf.get();
+        float* p = kt + hs * ld_max;
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / H, h = item % H;
+          const Head hd{length_of(lengths, b, T), T, hs, C, C3, scale,
+                        qkv + b * T * C3 + h * hs};
+          float* out_bh = out + b * T * C + h * hs;
+          float* att_bh = att ? att + item * T * T : nullptr;
+          forward_head_dispatch(hd, kt, p, out_bh, att_bh);
+          for (int64_t t = hd.len; t < T; ++t) {  // padding rows: written as 0
+            std::memset(out_bh + t * C, 0, hs * sizeof(float));
+            if (att_bh) std::memset(att_bh + t * T, 0, T * sizeof(float));
+          }
+        }
+      },
+      grain_for(2 * T * T * hs + 1));
+}
+
+// ---- backward --------------------------------------------------------------------------
+
+void attention_backward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
+                        const float* grad_out, const float* qkv, const float* att,
+                        float* grad_qkv) {
+  require_size(B, "B");
+  require_size(T, "T");
+  require_heads(C, H);
+  if (B == 0 || T == 0) return;
+  require_data(grad_out, "grad_out");
+  require_data(qkv, "qkv");
+  require_data(att, "att");
+  require_data(grad_qkv, "grad_qkv");
+  require_lengths(B, T, lengths);
+
+  const int64_t hs = C / H, C3 = 3 * C, ld_max = round_up(T, kW);
+  const float scale = head_scale(hs);
+  parallel_for(
+      B * H,
+      [&](int64_t begin, int64_t end) {
+        // Per chunk: VT [hs, ld_max], kRows rows of d_att, d_preatt [T, T].
+        std::unique_ptr<float[]> buf =
+            scratch((hs + kRows) * ld_max + T * T, "attention_backward");
+        float* vt = buf.get();
+        float* da = vt + hs * ld_max;
+        float* dpre = da + kRows * ld_max;
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / H, h = item % H;
+          const Head hd{length_of(lengths, b, T), T, hs, C, C3, scale,
+                        qkv + b * T * C3 + h * hs};
+          if (hd.len == 0) continue;
+          backward_head_dispatch(hd, grad_out + b * T * C + h * hs, att + item * T * T,
+                        grad_qkv + b * T * C3 + h * hs, vt, da, dpre);
+        }
+      },
+      grain_for(4 * T * T * hs + 1));
+}
+
+// ---- the KV cache ----------------------------------------------------------------------
+
+void kv_cache_store(int64_t B, int64_t T, int64_t C, const int32_t* lengths, const float* qkv,
+                    int64_t cache_T, float* k_cache, float* v_cache) {
+  require_size(B, "B");
+  require_size(T, "T");
+  require_size(C, "C");
+  require(cache_T >= T, ErrorCode::InvalidArgument,
+          "cache_T (" + std::to_string(cache_T) + ") must be >= T (" + std::to_string(T) + ")",
+          "cache_T");
+  if (B == 0 || T == 0 || C == 0) return;
+  require_data(qkv, "qkv");
+  require_data(k_cache, "k_cache");
+  require_data(v_cache, "v_cache");
+  require_lengths(B, T, lengths);
+  const int64_t C3 = 3 * C;
+  parallel_for(
+      B * T,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / T, t = r % T;
+          if (t >= length_of(lengths, b, T)) continue;
+          const float* row = qkv + r * C3;
+          std::memcpy(k_cache + (b * cache_T + t) * C, row + C, C * sizeof(float));
+          std::memcpy(v_cache + (b * cache_T + t) * C, row + 2 * C, C * sizeof(float));
+        }
+      },
+      grain_for(2 * C));
+}
+
+void attention_decode(int64_t B, int64_t C, int64_t H, const int32_t* positions,
+                      const float* qkv, int64_t cache_T, float* k_cache, float* v_cache,
+                      float* out) {
+  require_size(B, "B");
+  require_heads(C, H);
+  require_size(cache_T, "cache_T");
+  if (B == 0) return;
+  require_data(positions, "positions");
+  int64_t max_pos = -1;
+  for (int64_t b = 0; b < B; ++b) {
+    require(positions[b] < cache_T, ErrorCode::InvalidArgument,
+            "positions[" + std::to_string(b) + "] = " + std::to_string(positions[b]) +
+                " must be < cache_T = " + std::to_string(cache_T),
+            "positions");
+    max_pos = std::max<int64_t>(max_pos, positions[b]);
+  }
+  require_data(qkv, "qkv");
+  require_data(out, "out");
+  if (max_pos >= 0) {
+    require_data(k_cache, "k_cache");
+    require_data(v_cache, "v_cache");
+  }
+
+  const int64_t hs = C / H, C3 = 3 * C, ld_max = round_up(max_pos + 1, kW);
+  const float scale = head_scale(hs);
+  parallel_for(
+      B * H,
+      [&](int64_t begin, int64_t end) {
+        std::unique_ptr<float[]> buf = scratch((hs + 1) * ld_max, "attention_decode");
+        float* kt = buf.get();
+        float* p = kt + hs * ld_max;
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / H, h = item % H;
+          const int64_t pos = positions[b];
+          float* o = out + b * C + h * hs;
+          if (pos < 0) {  // finished sequence: out row 0, cache untouched
+            std::memset(o, 0, hs * sizeof(float));
+            continue;
+          }
+          const float* row = qkv + b * C3 + h * hs;
+          float* kc = k_cache + b * cache_T * C + h * hs;  // rows at stride C
+          float* vc = v_cache + b * cache_T * C + h * hs;
+          std::memcpy(kc + pos * C, row + C, hs * sizeof(float));
+          std::memcpy(vc + pos * C, row + 2 * C, hs * sizeof(float));
+          decode_head_dispatch(pos + 1, hs, scale, C, row, kc, vc, kt, p, o);
+        }
+      },
+      grain_for(4 * (max_pos + 1) * hs + 1));
+}
+
+const char* attention_isa() {
+  switch (isa()) {
+    case Isa::Avx512: return "avx512f";
+    case Isa::Avx2: return "avx2+fma";
+    case Isa::Portable: break;
+  }
+  return "portable";
+}
+
+}  // namespace ppo::cpu

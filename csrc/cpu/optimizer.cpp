@@ -1,0 +1,169 @@
+// AdamW and the pieces of global gradient-norm clipping on the CPU (contracts in
+// optimizer.h). adamw_update and scale_in_place are elementwise (any split over threads
+// gives the same bits: AdamW splits on 64-element blocks, see there); sum_of_squares reduces in double over fixed chunks of the input
+// (a function of n only) that are added in chunk order.
+#include "cpu/optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "cpu/vec_math.h"
+
+namespace ppo::cpu {
+namespace {
+
+void require_size(int64_t value, const char* name) {
+  require(value >= 0, ErrorCode::InvalidArgument,
+          std::string(name) + " must be >= 0, got " + std::to_string(value), name);
+}
+
+void require_data(const void* p, const char* name) {
+  require(p != nullptr, ErrorCode::InvalidArgument, std::string(name) + " must not be null",
+          name);
+}
+
+// beta in [0, 1) (false for NaN).
+void require_beta(float beta, const char* name) {
+  require(beta >= 0.0f && beta < 1.0f, ErrorCode::InvalidArgument,
+          std::string(name) + " must be in [0, 1), got " + std::to_string(beta), name);
+}
+
+// Elements [begin, end) of one AdamW step, in PyTorch's order (torch.optim.AdamW,
+// single-tensor path):
+//   p *= 1 - lr * wd;  m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;
+//   p -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps),
+// step_size = lr / (1 - beta1^t), inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t) (per-call scalars
+// computed in double, then rounded to float). All in float: vectorizes (sqrt and divide
+// are vector instructions).
+PPO_CPU_MULTIVERSION
+void adamw_range(int64_t begin, int64_t end, float* __restrict param,
+                 const float* __restrict grad, float* __restrict m, float* __restrict v,
+                 float decay, float beta1, float one_minus_beta1, float beta2,
+                 float one_minus_beta2, float step_size, float inv_sqrt_bc2, float eps) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float g = grad[i];
+    const float mi = beta1 * m[i] + one_minus_beta1 * g;
+    const float vi = beta2 * v[i] + one_minus_beta2 * (g * g);
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = std::sqrt(vi) * inv_sqrt_bc2 + eps;
+    param[i] = param[i] * decay - step_size * (mi / denom);
+  }
+}
+
+// sum x[i]^2 over [begin, end) in double, kLanes independent accumulators (so the loop
+// vectorizes without reassociating any one sum), the lanes then added in order.
+PPO_CPU_MULTIVERSION
+double sum_of_squares_range(int64_t begin, int64_t end, const float* __restrict x) {
+  double lanes[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const double xi = static_cast<double>(x[i + j]);
+      lanes[j] += xi * xi;
+    }
+  double sum = 0.0;
+  for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+  for (; i < end; ++i) {
+    const double xi = static_cast<double>(x[i]);
+    sum += xi * xi;
+  }
+  return sum;
+}
+
+PPO_CPU_MULTIVERSION
+void scale_range(int64_t begin, int64_t end, float* __restrict x, float factor) {
+  for (int64_t i = begin; i < end; ++i) x[i] *= factor;
+}
+
+// sum_of_squares' chunks: 65536 elements each (enough work per chunk to be worth a
+// thread; a 124M-parameter model gives ~1900 partials, 15 KB).
+constexpr int64_t kSumChunk = 65536;
+
+}  // namespace
+
+void adamw_update(int64_t n, float* param, const float* grad, float* m, float* v, float lr,
+                  float beta1, float beta2, float eps, float weight_decay, int64_t step) {
+  require_size(n, "n");
+  require(step >= 1, ErrorCode::InvalidArgument,
+          "step must be >= 1 (the 1-based index of this step), got " + std::to_string(step),
+          "step");
+  require(std::isfinite(lr) && lr >= 0.0f, ErrorCode::InvalidArgument,
+          "lr must be finite and >= 0, got " + std::to_string(lr), "lr");
+  require_beta(beta1, "beta1");
+  require_beta(beta2, "beta2");
+  require(std::isfinite(eps) && eps >= 0.0f, ErrorCode::InvalidArgument,
+          "eps must be finite and >= 0, got " + std::to_string(eps), "eps");
+  require(std::isfinite(weight_decay) && weight_decay >= 0.0f, ErrorCode::InvalidArgument,
+          "weight_decay must be finite and >= 0, got " + std::to_string(weight_decay),
+          "weight_decay");
+  if (n == 0) return;
+  require_data(param, "param");
+  require_data(grad, "grad");
+  require_data(m, "m");
+  require_data(v, "v");
+
+  // Bias corrections in double: 1 - beta^t loses nothing for small t (beta2 = 0.999,
+  // t = 1 gives 1e-3 exactly to double precision) and tends to 1 for large t.
+  const double t = static_cast<double>(step);
+  const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), t);
+  const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), t);
+  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
+  const float step_size = static_cast<float>(static_cast<double>(lr) / bc1);
+  const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
+  const float one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(beta1));
+  const float one_minus_beta2 = static_cast<float>(1.0 - static_cast<double>(beta2));
+  // Threads get whole blocks of kAdamBlock elements: the compiler's vector body and its
+  // scalar remainder loop may contract multiply-adds into FMAs differently, so an element
+  // must take the same path whatever the split. With block-aligned chunk starts only the
+  // array's last partial block ever runs in a remainder loop, for every thread count.
+  constexpr int64_t kAdamBlock = 64;
+  const int64_t blocks = (n + kAdamBlock - 1) / kAdamBlock;
+  parallel_for(
+      blocks,
+      [&](int64_t first, int64_t last) {
+        adamw_range(first * kAdamBlock, std::min(n, last * kAdamBlock), param, grad, m, v, decay,
+                    beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, eps);
+      },
+      grain_for(12 * kAdamBlock));
+}
+
+double sum_of_squares(int64_t n, const float* x) {
+  require_size(n, "n");
+  if (n == 0) return 0.0;
+  require_data(x, "x");
+  const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
+  if (chunks == 1) return sum_of_squares_range(0, n, x);
+  std::unique_ptr<double[]> partials(new (std::nothrow) double[chunks]);
+  require(partials != nullptr, ErrorCode::OutOfMemory,
+          "sum_of_squares: cannot allocate the chunk partials");
+  double* p = partials.get();
+  parallel_for(
+      chunks,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k)
+          p[k] = sum_of_squares_range(k * kSumChunk, std::min(n, (k + 1) * kSumChunk), x);
+      },
+      1);
+  double sum = 0.0;
+  for (int64_t k = 0; k < chunks; ++k) sum += p[k];
+  return sum;
+}
+
+void scale_in_place(int64_t n, float* x, float factor) {
+  require_size(n, "n");
+  require(std::isfinite(factor), ErrorCode::InvalidArgument,
+          "factor must be finite, got " + std::to_string(factor), "factor");
+  if (n == 0) return;
+  require_data(x, "x");
+  parallel_for(
+      n, [&](int64_t begin, int64_t end) { scale_range(begin, end, x, factor); },
+      grain_for(1));
+}
+
+}  // namespace ppo::cpu

@@ -1,0 +1,682 @@
+// ppo::cpu causal multi-head attention (csrc/cpu/attention.h) against a naive float64
+// reference written here: forward outputs and probabilities, the backward against an
+// analytic float64 backward that is itself checked against central finite differences of
+// the float64 forward (and the kernel against those differences directly), accumulation
+// (+=), right padding (padded rows skipped, garbage there changes nothing), the KV-cache
+// prefill + decode path against the full forward, bit-identical results whatever the
+// batch split, argument errors, and a timing print of the model shapes.
+//
+// Determinism across thread counts: parallel_for splits the (b, h) items by the pool
+// size, which is fixed per process, so run this binary with PPO_MAX_THREADS=1 and =3; the
+// "checksum" line printed by attention_bit_identical_whatever_the_split must be the same.
+// (Inside one process the test checks that each sequence's results do not depend on
+// which other sequences share the call, i.e. on how items fall into chunks.)
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/attention.h"
+#include "test_framework.h"
+#include "test_util.h"
+
+namespace {
+
+using ppo::cpu::attention_backward;
+using ppo::cpu::attention_decode;
+using ppo::cpu::attention_forward;
+using ppo::cpu::kv_cache_store;
+
+constexpr double kU = 5.9604644775390625e-08;  // 2^-24, the float unit roundoff
+// Probabilities below FLT_MIN (exp arguments below -87.3) are flushed to 0 by fast_exp:
+// an absolute allowance of FLT_MIN for them (and for outputs: sum_s p_s |v_s| terms).
+constexpr double kTiny = 1.1754943508222875e-38;
+
+struct Shape {
+  int64_t B, T, C, H;
+  int64_t hs() const { return C / H; }
+  int64_t qkv_size() const { return B * T * 3 * C; }
+  int64_t out_size() const { return B * T * C; }
+  int64_t att_size() const { return B * H * T * T; }
+  std::string str() const {
+    return "B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
+           " H=" + std::to_string(H);
+  }
+};
+
+int64_t len_of(const std::vector<int32_t>& lengths, int64_t b, int64_t T) {
+  return lengths.empty() ? T : lengths[b];
+}
+const int32_t* ptr(const std::vector<int32_t>& v) { return v.empty() ? nullptr : v.data(); }
+
+// ---- float64 reference -----------------------------------------------------------------
+
+struct RefForward {
+  std::vector<double> att, out;
+  // Per (b, t) row: a bound on the relative error of the kernel's float probabilities,
+  // (2 hs + 4) u S + (n + 8) u, where S = max_s scale * sum_i |q_i k_s,i| bounds the
+  // scores and their float rounding (hs-term dot product: <= hs u S; the scaling and the
+  // max subtraction: u each) enters p_s = e^(z_s - m) / sum twice (z_s and the sum's
+  // terms); fast_exp (~2 ulp), the n-term float sum and the normalization add the rest.
+  std::vector<double> rel_p;
+};
+
+RefForward ref_forward(const Shape& s, const std::vector<int32_t>& lengths,
+                       const std::vector<double>& qkv) {
+  const int64_t B = s.B, T = s.T, C = s.C, H = s.H, hs = s.hs(), C3 = 3 * C;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  RefForward r;
+  r.att.assign(s.att_size(), 0.0);
+  r.out.assign(s.out_size(), 0.0);
+  r.rel_p.assign(B * T, 0.0);
+  std::vector<double> z(T);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = len_of(lengths, b, T);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < len; ++t) {
+        const double* q = &qkv[(b * T + t) * C3 + h * hs];
+        double m = -INFINITY, S = 0.0;
+        for (int64_t u = 0; u <= t; ++u) {
+          const double* k = &qkv[(b * T + u) * C3 + C + h * hs];
+          double dot = 0.0, mag = 0.0;
+          for (int64_t i = 0; i < hs; ++i) dot += q[i] * k[i], mag += std::fabs(q[i] * k[i]);
+          z[u] = dot * scale;
+          m = std::max(m, z[u]);
+          S = std::max(S, mag * scale);
+        }
+        double sum = 0.0;
+        for (int64_t u = 0; u <= t; ++u) sum += std::exp(z[u] - m);
+        double* a = &r.att[((b * H + h) * T + t) * T];
+        for (int64_t u = 0; u <= t; ++u) a[u] = std::exp(z[u] - m) / sum;
+        double* o = &r.out[(b * T + t) * C + h * hs];
+        for (int64_t u = 0; u <= t; ++u) {
+          const double* v = &qkv[(b * T + u) * C3 + 2 * C + h * hs];
+          for (int64_t i = 0; i < hs; ++i) o[i] += a[u] * v[i];
+        }
+        const double rel = (2.0 * hs + 4.0) * kU * S + (t + 9.0) * kU;
+        r.rel_p[b * T + t] = std::max(r.rel_p[b * T + t], rel);
+      }
+  }
+  return r;
+}
+
+// The float64 gradient of sum(dout * out) w.r.t. qkv (valid rows; 0 at padded rows),
+// written as llm.c's loops, and `mag`: the same sums with every term replaced by its
+// absolute value, the scale of the float rounding of each gradient element.
+void ref_backward(const Shape& s, const std::vector<int32_t>& lengths,
+                  const std::vector<double>& qkv, const std::vector<double>& att,
+                  const std::vector<double>& dout, std::vector<double>& grad,
+                  std::vector<double>& mag) {
+  const int64_t B = s.B, T = s.T, C = s.C, H = s.H, hs = s.hs(), C3 = 3 * C;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  grad.assign(s.qkv_size(), 0.0);
+  mag.assign(s.qkv_size(), 0.0);
+  std::vector<double> da(T), dam(T);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = len_of(lengths, b, T);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < len; ++t) {
+        const double* p = &att[((b * H + h) * T + t) * T];
+        const double* g = &dout[(b * T + t) * C + h * hs];
+        double dot = 0.0, dotm = 0.0;
+        for (int64_t u = 0; u <= t; ++u) {
+          const double* v = &qkv[(b * T + u) * C3 + 2 * C + h * hs];
+          da[u] = 0.0, dam[u] = 0.0;
+          for (int64_t i = 0; i < hs; ++i) da[u] += g[i] * v[i], dam[u] += std::fabs(g[i] * v[i]);
+          dot += p[u] * da[u], dotm += p[u] * dam[u];
+        }
+        for (int64_t u = 0; u <= t; ++u) {
+          const double dpre = p[u] * (da[u] - dot), dprem = p[u] * (dam[u] + dotm);
+          const int64_t qi = (b * T + t) * C3 + h * hs, ki = (b * T + u) * C3 + C + h * hs,
+                        vi = ki + C;
+          for (int64_t i = 0; i < hs; ++i) {
+            grad[qi + i] += scale * dpre * qkv[ki + i];
+            mag[qi + i] += scale * dprem * std::fabs(qkv[ki + i]);
+            grad[ki + i] += scale * dpre * qkv[qi + i];
+            mag[ki + i] += scale * dprem * std::fabs(qkv[qi + i]);
+            grad[vi + i] += p[u] * g[i];
+            mag[vi + i] += p[u] * std::fabs(g[i]);
+          }
+        }
+      }
+  }
+}
+
+double max_of(const std::vector<double>& v) {
+  double m = 0.0;
+  for (double x : v) m = std::max(m, x);
+  return m;
+}
+
+// ---- problems ----------------------------------------------------------------------------
+
+struct Problem {
+  Shape s;
+  std::vector<int32_t> lengths;  // empty: all T
+  std::vector<float> qkv, dout;
+};
+
+// qkv ~ N(0, sigma), dout ~ N(0, 1); padded rows of qkv and dout hold NaN / inf garbage
+// (nothing may read them).
+Problem make_problem(tu::Rng& rng, Shape s, std::vector<int32_t> lengths, double sigma = 1.0) {
+  Problem p;
+  p.s = s;
+  p.lengths = std::move(lengths);
+  p.qkv = tu::normal(rng, s.qkv_size(), 0.0, sigma);
+  p.dout = tu::normal(rng, s.out_size());
+  const float garbage[] = {tu::kNaN, tu::kInf, -tu::kInf};
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t t = len_of(p.lengths, b, s.T); t < s.T; ++t) {
+      for (int64_t c = 0; c < 3 * s.C; ++c) p.qkv[(b * s.T + t) * 3 * s.C + c] = garbage[c % 3];
+      for (int64_t c = 0; c < s.C; ++c) p.dout[(b * s.T + t) * s.C + c] = garbage[(c + 1) % 3];
+    }
+  return p;
+}
+
+std::vector<double> widen(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+// The kernel's forward into NaN-poisoned buffers.
+void run_forward(const Problem& p, std::vector<float>& att, std::vector<float>& out) {
+  att = tu::poisoned(p.s.att_size());
+  out = tu::poisoned(p.s.out_size());
+  attention_forward(p.s.B, p.s.T, p.s.C, p.s.H, ptr(p.lengths), p.qkv.data(), att.data(),
+                    out.data());
+}
+
+// Checks the kernel's forward of p against the float64 reference (see RefForward for the
+// probability bound; out_t = sum_s p_s v_s adds the n-term float sum: its error is within
+// 2 (rel_p + (n + 1) u) sum_s p_s |v_s|, the 2 a margin for the rounding of the products).
+void check_forward(const Problem& p, const std::vector<float>& att,
+                   const std::vector<float>& out) {
+  const Shape& s = p.s;
+  const int64_t T = s.T, C = s.C, H = s.H, hs = s.hs(), C3 = 3 * C;
+  std::vector<double> qkv = widen(p.qkv);
+  for (double& x : qkv)
+    if (!std::isfinite(x)) x = 0.0;  // padded garbage: never read by the reference either
+  const RefForward r = ref_forward(s, p.lengths, qkv);
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int64_t len = len_of(p.lengths, b, T);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const std::string where = s.str() + " b=" + std::to_string(b) + " h=" +
+                                  std::to_string(h) + " t=" + std::to_string(t);
+        const int64_t a0 = ((b * H + h) * T + t) * T;
+        const int64_t o0 = (b * T + t) * C + h * hs;
+        if (t >= len) {  // padding: written as exact zeros
+          for (int64_t u = 0; u < T; ++u) CHECK_NEAR_CTX(att[a0 + u], 0.0, 0.0, 0.0, "att pad " + where);
+          for (int64_t i = 0; i < hs; ++i) CHECK_NEAR_CTX(out[o0 + i], 0.0, 0.0, 0.0, "out pad " + where);
+          continue;
+        }
+        const double rel = r.rel_p[b * T + t];
+        for (int64_t u = 0; u < T; ++u) {
+          const double want = r.att[a0 + u];
+          CHECK_NEAR_CTX(att[a0 + u], want, u <= t ? 2.0 * rel * want + kTiny : 0.0, 0.0,
+                         "att " + where + " s=" + std::to_string(u));
+        }
+        for (int64_t i = 0; i < hs; ++i) {
+          double mag = 0.0;
+          for (int64_t u = 0; u <= t; ++u)
+            mag += r.att[a0 + u] * std::fabs(qkv[(b * T + u) * C3 + 2 * C + h * hs + i]);
+          CHECK_NEAR_CTX(out[o0 + i], r.out[o0 + i], 2.0 * (rel + (t + 2.0) * kU) * mag + kTiny,
+                         0.0, "out " + where + " i=" + std::to_string(i));
+        }
+      }
+  }
+}
+
+// Tolerance of a backward gradient element against the float64 gradient: the kernel's
+// float sums (of hs terms for d_att, t + 1 for the softmax backward and the value sums)
+// round to within ~(hs + T + 8) u of `mag` (the same sums of absolute values), and the
+// float probabilities it is given carry rel_p each: allow
+// (4 max rel_p + 4 (hs + T + 8) u) mag.
+double grad_tol(const Shape& s, double rel_p_max, double mag) {
+  return (4.0 * rel_p_max + 4.0 * (s.hs() + s.T + 8.0) * kU) * mag + 1e-30;
+}
+
+uint64_t fnv1a(uint64_t h, const std::vector<float>& v) {
+  for (float f : v) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    for (int k = 0; k < 4; ++k) {
+      h ^= (bits >> (8 * k)) & 0xffu;
+      h *= 1099511628211ull;
+    }
+  }
+  return h;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+}  // namespace
+
+// ---- forward -------------------------------------------------------------------------------
+
+TEST(attention_forward_matches_float64_reference) {
+  tu::Rng rng(11);
+  struct Case {
+    Shape s;
+    std::vector<int32_t> lengths;
+  };
+  const Case cases[] = {
+      {{1, 1, 16, 1}, {}},              // T = 1
+      {{2, 7, 12, 3}, {}},              // odd T, hs = 4
+      {{1, 9, 5, 5}, {}},               // hs = 1
+      {{2, 11, 20, 1}, {}},             // H = 1, hs = 20 (a 16-column tile + 4 narrow)
+      {{3, 13, 40, 2}, {0, 13, 6}},     // lengths 0, T and odd; C not a multiple of 16
+      {{2, 21, 64, 2}, {21, 18}},       // hs = 32: 4-row tiles, leftovers
+      {{1, 70, 128, 2}, {}},            // hs = 64, > 64 keys (one-row 64-column tiles)
+      {{2, 33, 96, 2}, {17, 33}},       // hs = 48
+  };
+  for (const Case& c : cases) {
+    Problem p = make_problem(rng, c.s, c.lengths);
+    std::vector<float> att, out;
+    run_forward(p, att, out);
+    check_forward(p, att, out);
+    // Without att: the same out, bit for bit.
+    std::vector<float> out2 = tu::poisoned(c.s.out_size());
+    attention_forward(c.s.B, c.s.T, c.s.C, c.s.H, ptr(p.lengths), p.qkv.data(), nullptr,
+                      out2.data());
+    CHECK_BITWISE_EQUAL(out2.data(), out.data(), c.s.out_size(), "out without att");
+  }
+}
+
+TEST(attention_forward_peaked_and_flat_scores) {
+  // Large scores (sigma = 4: |z| up to ~100, probabilities from ~1 down to underflow) and
+  // tiny ones (sigma = 0.01: nearly uniform rows): max subtraction keeps both finite.
+  tu::Rng rng(12);
+  for (double sigma : {4.0, 0.01}) {
+    Problem p = make_problem(rng, {2, 19, 32, 2}, {19, 10}, sigma);
+    std::vector<float> att, out;
+    run_forward(p, att, out);
+    check_forward(p, att, out);
+    for (float x : out) CHECK(std::isfinite(x));
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------------
+
+TEST(attention_backward_reference_matches_finite_differences) {
+  // The float64 analytic backward against central differences of the float64 forward,
+  // L = sum dout * out, step 1e-5: truncation ~1e-10 |L'''|, rounding ~1e-16 |L| / 1e-5,
+  // both < 1e-8 here; allow 1e-7 + 1e-7 |fd| (any wrong term is O(1e-2) or more). The
+  // kernel (given its own forward's att) is held to the same differences at its float
+  // tolerance (grad_tol) + 1e-7. Padded rows: the differences are exactly 0 (the forward
+  // never reads them) and the kernel must leave grad_qkv there untouched.
+  tu::Rng rng(21);
+  struct Case {
+    Shape s;
+    std::vector<int32_t> lengths;
+  };
+  const Case cases[] = {
+      {{2, 5, 8, 2}, {}},
+      {{1, 7, 3, 1}, {}},             // hs = 3
+      {{3, 6, 4, 4}, {0, 6, 3}},      // hs = 1, lengths 0 / T / 3
+      {{1, 9, 32, 2}, {}},            // hs = 16: 4-row tiles in every sum
+      {{2, 6, 40, 2}, {6, 5}},        // hs = 20
+  };
+  for (const Case& c : cases) {
+    const Shape& s = c.s;
+    Problem p = make_problem(rng, s, c.lengths);
+    for (int64_t b = 0; b < s.B; ++b)  // finite garbage here: the differences are taken everywhere
+      for (int64_t t = len_of(p.lengths, b, s.T); t < s.T; ++t)
+        for (int64_t k = 0; k < 3 * s.C; ++k)
+          p.qkv[(b * s.T + t) * 3 * s.C + k] = static_cast<float>(tu::rand_uniform(rng, -3, 3));
+    for (float& x : p.dout)
+      if (!std::isfinite(x)) x = 0.0f;
+    std::vector<double> x = widen(p.qkv);
+    const std::vector<double> w = widen(p.dout);
+    const RefForward r = ref_forward(s, p.lengths, x);
+    std::vector<double> grad, mag;
+    ref_backward(s, p.lengths, x, r.att, w, grad, mag);
+
+    std::vector<float> att, out;
+    run_forward(p, att, out);
+    std::vector<float> g = tu::normal(rng, s.qkv_size());  // pre-filled: += is checked too
+    const std::vector<float> g0 = g;
+    attention_backward(s.B, s.T, s.C, s.H, ptr(p.lengths), p.dout.data(), p.qkv.data(),
+                       att.data(), g.data());
+
+    auto loss = [&](const std::vector<double>& xx) {
+      const RefForward f = ref_forward(s, p.lengths, xx);
+      double l = 0.0;
+      for (int64_t k = 0; k < s.out_size(); ++k) l += w[k] * f.out[k];
+      return l;
+    };
+    const double rel_p = max_of(r.rel_p);
+    const double step = 1e-5;
+    for (int64_t k = 0; k < s.qkv_size(); ++k) {
+      std::vector<double> xp = x, xm = x;
+      xp[k] += step, xm[k] -= step;
+      const double fd = (loss(xp) - loss(xm)) / (2 * step);
+      const int64_t b = k / (s.T * 3 * s.C), t = (k / (3 * s.C)) % s.T;
+      const std::string where = s.str() + " qkv[" + std::to_string(k) + "] (" +
+                                (k % (3 * s.C) < s.C ? "q" : k % (3 * s.C) < 2 * s.C ? "k" : "v") + ")";
+      CHECK_NEAR_CTX(grad[k], fd, 1e-7, 1e-7, "ref " + where);
+      if (t >= len_of(p.lengths, b, s.T)) {
+        CHECK(fd == 0.0);
+        CHECK(std::memcmp(&g[k], &g0[k], sizeof(float)) == 0);
+        continue;
+      }
+      const double got = static_cast<double>(g[k]) - static_cast<double>(g0[k]);
+      CHECK_NEAR_CTX(got, fd, grad_tol(s, rel_p, mag[k]) + 1e-7 + 2 * kU * std::fabs(g0[k]), 0.0,
+                     "kernel " + where);
+    }
+  }
+}
+
+TEST(attention_backward_matches_float64_reference) {
+  // Larger shapes against the analytic float64 backward (validated above), grad_qkv
+  // pre-filled with N(0,1): result = prefill + gradient, within grad_tol plus one
+  // rounding of the sum (u |result|).
+  tu::Rng rng(22);
+  struct Case {
+    Shape s;
+    std::vector<int32_t> lengths;
+  };
+  const Case cases[] = {
+      {{2, 37, 128, 2}, {37, 22}},     // hs = 64
+      {{3, 70, 64, 1}, {70, 0, 66}},   // hs = 64, > 64 keys, a length-0 row
+      {{2, 29, 60, 3}, {}},            // hs = 20
+      {{4, 16, 24, 6}, {16, 1, 15, 9}},  // hs = 4
+  };
+  for (const Case& c : cases) {
+    const Shape& s = c.s;
+    Problem p = make_problem(rng, s, c.lengths);
+    std::vector<double> x = widen(p.qkv);
+    for (double& v : x)
+      if (!std::isfinite(v)) v = 0.0;
+    std::vector<double> w = widen(p.dout);
+    for (double& v : w)
+      if (!std::isfinite(v)) v = 0.0;
+    const RefForward r = ref_forward(s, p.lengths, x);
+    std::vector<double> grad, mag;
+    ref_backward(s, p.lengths, x, r.att, w, grad, mag);
+
+    std::vector<float> att, out;
+    run_forward(p, att, out);
+    std::vector<float> g = tu::normal(rng, s.qkv_size());
+    const std::vector<float> g0 = g;
+    attention_backward(s.B, s.T, s.C, s.H, ptr(p.lengths), p.dout.data(), p.qkv.data(),
+                       att.data(), g.data());
+    const double rel_p = max_of(r.rel_p);
+    for (int64_t k = 0; k < s.qkv_size(); ++k) {
+      const int64_t b = k / (s.T * 3 * s.C), t = (k / (3 * s.C)) % s.T;
+      if (t >= len_of(p.lengths, b, s.T)) {
+        CHECK(std::memcmp(&g[k], &g0[k], sizeof(float)) == 0);  // padded rows untouched
+        continue;
+      }
+      const double want = static_cast<double>(g0[k]) + grad[k];
+      CHECK_NEAR_CTX(g[k], want, grad_tol(s, rel_p, mag[k]) + kU * std::fabs(want), 0.0,
+                     s.str() + " grad_qkv[" + std::to_string(k) + "]");
+    }
+  }
+}
+
+TEST(attention_backward_accumulates) {
+  // Two calls onto zeros give exactly twice one call: each element receives the same
+  // increment twice (d + d is exact; a fused alpha * acc + d rounds to 2d as well).
+  tu::Rng rng(23);
+  Problem p = make_problem(rng, {2, 23, 96, 3}, {23, 17});
+  std::vector<float> att, out;
+  run_forward(p, att, out);
+  const Shape& s = p.s;
+  std::vector<float> once(s.qkv_size(), 0.0f), twice(s.qkv_size(), 0.0f);
+  attention_backward(s.B, s.T, s.C, s.H, ptr(p.lengths), p.dout.data(), p.qkv.data(), att.data(), once.data());
+  for (int rep = 0; rep < 2; ++rep)
+    attention_backward(s.B, s.T, s.C, s.H, ptr(p.lengths), p.dout.data(), p.qkv.data(), att.data(), twice.data());
+  std::vector<float> doubled(once.size());
+  for (size_t k = 0; k < once.size(); ++k) doubled[k] = 2.0f * once[k];
+  CHECK_BITWISE_EQUAL(twice.data(), doubled.data(), s.qkv_size(), "2x grad_qkv");
+}
+
+TEST(attention_padding_garbage_changes_nothing) {
+  // The same valid data with finite padding vs NaN/inf padding (in qkv and dout): every
+  // valid output, probability and gradient is bit-identical, padded outputs are 0.
+  tu::Rng rng(24);
+  const Shape s{3, 26, 64, 2};
+  const std::vector<int32_t> lengths = {9, 26, 0};
+  Problem dirty = make_problem(rng, s, lengths);  // NaN / inf in the padded rows
+  Problem clean = dirty;
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t t = lengths[b]; t < s.T; ++t) {
+      for (int64_t c = 0; c < 3 * s.C; ++c) clean.qkv[(b * s.T + t) * 3 * s.C + c] = 0.5f;
+      for (int64_t c = 0; c < s.C; ++c) clean.dout[(b * s.T + t) * s.C + c] = -2.0f;
+    }
+  std::vector<float> att_d, out_d, att_c, out_c;
+  run_forward(dirty, att_d, out_d);
+  run_forward(clean, att_c, out_c);
+  CHECK_BITWISE_EQUAL(out_d.data(), out_c.data(), s.out_size(), "out");
+  CHECK_BITWISE_EQUAL(att_d.data(), att_c.data(), s.att_size(), "att");
+  std::vector<float> g_d(s.qkv_size(), 0.0f), g_c(s.qkv_size(), 0.0f);
+  attention_backward(s.B, s.T, s.C, s.H, lengths.data(), dirty.dout.data(), dirty.qkv.data(), att_d.data(), g_d.data());
+  attention_backward(s.B, s.T, s.C, s.H, lengths.data(), clean.dout.data(), clean.qkv.data(), att_c.data(), g_c.data());
+  CHECK_BITWISE_EQUAL(g_d.data(), g_c.data(), s.qkv_size(), "grad_qkv");
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t t = lengths[b]; t < s.T; ++t)
+      for (int64_t c = 0; c < 3 * s.C; ++c) CHECK(g_d[(b * s.T + t) * 3 * s.C + c] == 0.0f);
+  check_forward(dirty, att_d, out_d);
+}
+
+// ---- KV cache ------------------------------------------------------------------------------
+
+TEST(attention_decode_matches_full_forward) {
+  // Prompts of different lengths go into the cache with kv_cache_store; then decode steps
+  // feed the following rows of the same sequences one at a time. Each decode output must
+  // equal the full forward's output at that position: bit for bit (the decode step runs
+  // the forward's row kernels on the same operands, in the same order), and within the
+  // forward's float64 tolerance. Sequence 1 finishes early (position -1): its out row is
+  // 0, its qkv row (NaN) is never read, its cache rows stay as they were.
+  tu::Rng rng(31);
+  struct Case {
+    int64_t C, H;
+    std::vector<int32_t> prompt;
+    int64_t steps, cache_T;
+  };
+  const Case cases[] = {
+      {128, 2, {5, 1, 17}, 6, 30},   // hs = 64
+      {60, 3, {4, 9, 2}, 5, 16},     // hs = 20
+      {128, 2, {70, 3, 64}, 3, 80},  // > 64 positions
+  };
+  for (const Case& c : cases) {
+    const int64_t B = static_cast<int64_t>(c.prompt.size()), C = c.C, H = c.H, C3 = 3 * C;
+    const int64_t Tp = *std::max_element(c.prompt.begin(), c.prompt.end());
+    const int64_t T = Tp + c.steps;
+    std::vector<int32_t> total(B);
+    for (int64_t b = 0; b < B; ++b) total[b] = c.prompt[b] + static_cast<int32_t>(c.steps);
+    Problem full = make_problem(rng, {B, T, C, H}, total);
+    std::vector<float> att, out_full;
+    run_forward(full, att, out_full);
+    check_forward(full, att, out_full);
+
+    // Prefill: the prompts, NaN past each prompt's length (must not be stored).
+    std::vector<float> prompt(B * Tp * C3, tu::kNaN);
+    for (int64_t b = 0; b < B; ++b)
+      std::copy_n(&full.qkv[b * T * C3], c.prompt[b] * C3, &prompt[b * Tp * C3]);
+    std::vector<float> kc = tu::poisoned(B * c.cache_T * C), vc = tu::poisoned(B * c.cache_T * C);
+    kv_cache_store(B, Tp, C, c.prompt.data(), prompt.data(), c.cache_T, kc.data(), vc.data());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < c.cache_T; ++t)
+        for (int64_t i = 0; i < C; ++i) {
+          const float kk = kc[(b * c.cache_T + t) * C + i], vv = vc[(b * c.cache_T + t) * C + i];
+          if (t < c.prompt[b]) {
+            CHECK(kk == full.qkv[(b * T + t) * C3 + C + i]);
+            CHECK(vv == full.qkv[(b * T + t) * C3 + 2 * C + i]);
+          } else {
+            CHECK(std::isnan(kk) && std::isnan(vv));
+          }
+        }
+
+    std::vector<float> step_qkv(B * C3), out(B * C);
+    for (int64_t k = 0; k < c.steps; ++k) {
+      std::vector<int32_t> pos(B);
+      for (int64_t b = 0; b < B; ++b) {
+        pos[b] = (b == 1 && k >= 2) ? -1 : c.prompt[b] + static_cast<int32_t>(k);
+        for (int64_t j = 0; j < C3; ++j)
+          step_qkv[b * C3 + j] = pos[b] < 0 ? tu::kNaN : full.qkv[(b * T + pos[b]) * C3 + j];
+      }
+      const std::vector<float> kc_before = kc, vc_before = vc;
+      out.assign(B * C, tu::kNaN);
+      attention_decode(B, C, H, pos.data(), step_qkv.data(), c.cache_T, kc.data(), vc.data(), out.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const std::string where = "C=" + std::to_string(C) + " step " + std::to_string(k) + " b=" + std::to_string(b);
+        if (pos[b] < 0) {
+          for (int64_t i = 0; i < C; ++i) CHECK_NEAR_CTX(out[b * C + i], 0.0, 0.0, 0.0, "finished " + where);
+          const int64_t n = c.cache_T * C;
+          CHECK(std::memcmp(&kc[b * n], &kc_before[b * n], n * sizeof(float)) == 0);
+          CHECK(std::memcmp(&vc[b * n], &vc_before[b * n], n * sizeof(float)) == 0);
+          continue;
+        }
+        CHECK_BITWISE_EQUAL(&out[b * C], &out_full[(b * T + pos[b]) * C], C, ("decode vs forward " + where).c_str());
+        for (int64_t i = 0; i < C; ++i) {
+          CHECK(kc[(b * c.cache_T + pos[b]) * C + i] == full.qkv[(b * T + pos[b]) * C3 + C + i]);
+          CHECK(vc[(b * c.cache_T + pos[b]) * C + i] == full.qkv[(b * T + pos[b]) * C3 + 2 * C + i]);
+        }
+      }
+    }
+  }
+}
+
+// ---- determinism ---------------------------------------------------------------------------
+
+TEST(attention_bit_identical_whatever_the_split) {
+  // Every (b, h) is computed by one thread from its own data in a fixed order, so a
+  // sequence's results do not depend on which other sequences share the call (that is,
+  // on how the (b, h) items fall into the pool's chunks): the whole batch at once and each
+  // sequence alone give the same bits, and reruns too. The checksum must not change with
+  // PPO_MAX_THREADS (compare the printed line across runs).
+  tu::Rng rng(41);
+  const Shape s{5, 45, 96, 3};
+  const std::vector<int32_t> lengths = {45, 12, 0, 44, 31};
+  Problem p = make_problem(rng, s, lengths);
+  std::vector<float> att, out, att2, out2;
+  run_forward(p, att, out);
+  run_forward(p, att2, out2);
+  CHECK(same_bits(att, att2));
+  CHECK(same_bits(out, out2));
+  std::vector<float> g(s.qkv_size(), 0.0f), g2(s.qkv_size(), 0.0f);
+  attention_backward(s.B, s.T, s.C, s.H, lengths.data(), p.dout.data(), p.qkv.data(), att.data(), g.data());
+  attention_backward(s.B, s.T, s.C, s.H, lengths.data(), p.dout.data(), p.qkv.data(), att.data(), g2.data());
+  CHECK(same_bits(g, g2));
+
+  const int64_t C3 = 3 * s.C, TT = s.T * s.T;
+  for (int64_t b = 0; b < s.B; ++b) {
+    std::vector<float> a1(s.H * TT, tu::kNaN), o1(s.T * s.C, tu::kNaN), g1(s.T * C3, 0.0f);
+    attention_forward(1, s.T, s.C, s.H, &lengths[b], &p.qkv[b * s.T * C3], a1.data(), o1.data());
+    attention_backward(1, s.T, s.C, s.H, &lengths[b], &p.dout[b * s.T * s.C], &p.qkv[b * s.T * C3], a1.data(), g1.data());
+    CHECK_BITWISE_EQUAL(a1.data(), &att[b * s.H * TT], s.H * TT, "att, sequence alone");
+    CHECK_BITWISE_EQUAL(o1.data(), &out[b * s.T * s.C], s.T * s.C, "out, sequence alone");
+    CHECK_BITWISE_EQUAL(g1.data(), &g[b * s.T * C3], s.T * C3, "grad_qkv, sequence alone");
+  }
+
+  uint64_t h = 1469598103934665603ull;
+  for (const std::vector<float>* v : {&att, &out, &g}) h = fnv1a(h, *v);
+  std::printf("    checksum %016llx (must not depend on PPO_MAX_THREADS)\n",
+              static_cast<unsigned long long>(h));
+}
+
+// ---- errors --------------------------------------------------------------------------------
+
+TEST(attention_argument_errors) {
+  using ppo::ErrorCode;
+  const int64_t B = 2, T = 3, C = 4, H = 2;
+  std::vector<float> qkv(B * T * 3 * C, 0.5f), att(B * H * T * T), out(B * T * C), g(qkv.size());
+  std::vector<float> kc(B * 5 * C), vc(B * 5 * C), dec_out(B * C);
+  const int32_t ok_len[2] = {3, 1}, neg_len[2] = {3, -1}, long_len[2] = {4, 1};
+  float* q = qkv.data();
+  float* a = att.data();
+  float* o = out.data();
+
+  CHECK_THROWS_CODE(attention_forward(-1, T, C, H, nullptr, q, a, o), ErrorCode::InvalidArgument, "B");
+  CHECK_THROWS_CODE(attention_forward(B, -1, C, H, nullptr, q, a, o), ErrorCode::InvalidArgument, "T");
+  CHECK_THROWS_CODE(attention_forward(B, T, C, 0, nullptr, q, a, o), ErrorCode::InvalidArgument, "H");
+  CHECK_THROWS_CODE(attention_forward(B, T, C, -2, nullptr, q, a, o), ErrorCode::InvalidArgument, "H");
+  CHECK_THROWS_CODE(attention_forward(B, T, 0, 1, nullptr, q, a, o), ErrorCode::InvalidArgument, "C");
+  CHECK_THROWS_CODE(attention_forward(B, T, -4, H, nullptr, q, a, o), ErrorCode::InvalidArgument, "C");
+  CHECK_THROWS_CODE(attention_forward(B, T, 5, H, nullptr, q, a, o), ErrorCode::InvalidArgument, "C");
+  CHECK_THROWS_CODE(attention_forward(B, T, C, H, nullptr, nullptr, a, o), ErrorCode::InvalidArgument, "qkv");
+  CHECK_THROWS_CODE(attention_forward(B, T, C, H, nullptr, q, a, nullptr), ErrorCode::InvalidArgument, "out");
+  std::fill(out.begin(), out.end(), tu::kNaN);
+  CHECK_THROWS_CODE(attention_forward(B, T, C, H, neg_len, q, a, o), ErrorCode::InvalidArgument, "lengths");
+  CHECK_THROWS_CODE(attention_forward(B, T, C, H, long_len, q, a, o), ErrorCode::InvalidArgument, "lengths");
+  bool untouched = true;  // validation happens before anything is written
+  for (float x : out) untouched = untouched && std::isnan(x);
+  CHECK(untouched);
+  CHECK_NO_THROW(attention_forward(B, T, C, H, ok_len, q, nullptr, o));
+  CHECK_NO_THROW(attention_forward(0, T, C, H, nullptr, nullptr, nullptr, nullptr));
+  CHECK_NO_THROW(attention_forward(B, 0, C, H, nullptr, nullptr, nullptr, nullptr));
+
+  const float* d = out.data();
+  std::fill(out.begin(), out.end(), 0.25f);
+  CHECK_THROWS_CODE(attention_backward(-1, T, C, H, nullptr, d, q, a, g.data()), ErrorCode::InvalidArgument, "B");
+  CHECK_THROWS_CODE(attention_backward(B, T, 6, 4, nullptr, d, q, a, g.data()), ErrorCode::InvalidArgument, "C");
+  CHECK_THROWS_CODE(attention_backward(B, T, C, 0, nullptr, d, q, a, g.data()), ErrorCode::InvalidArgument, "H");
+  CHECK_THROWS_CODE(attention_backward(B, T, C, H, nullptr, nullptr, q, a, g.data()), ErrorCode::InvalidArgument, "grad_out");
+  CHECK_THROWS_CODE(attention_backward(B, T, C, H, nullptr, d, nullptr, a, g.data()), ErrorCode::InvalidArgument, "qkv");
+  CHECK_THROWS_CODE(attention_backward(B, T, C, H, nullptr, d, q, nullptr, g.data()), ErrorCode::InvalidArgument, "att");
+  CHECK_THROWS_CODE(attention_backward(B, T, C, H, nullptr, d, q, a, nullptr), ErrorCode::InvalidArgument, "grad_qkv");
+  CHECK_THROWS_CODE(attention_backward(B, T, C, H, long_len, d, q, a, g.data()), ErrorCode::InvalidArgument, "lengths");
+  CHECK_NO_THROW(attention_backward(0, T, C, H, nullptr, nullptr, nullptr, nullptr, nullptr));
+
+  CHECK_THROWS_CODE(kv_cache_store(-1, T, C, nullptr, q, 5, kc.data(), vc.data()), ErrorCode::InvalidArgument, "B");
+  CHECK_THROWS_CODE(kv_cache_store(B, -1, C, nullptr, q, 5, kc.data(), vc.data()), ErrorCode::InvalidArgument, "T");
+  CHECK_THROWS_CODE(kv_cache_store(B, T, -1, nullptr, q, 5, kc.data(), vc.data()), ErrorCode::InvalidArgument, "C");
+  CHECK_THROWS_CODE(kv_cache_store(B, T, C, nullptr, q, 2, kc.data(), vc.data()), ErrorCode::InvalidArgument, "cache_T");
+  CHECK_THROWS_CODE(kv_cache_store(B, T, C, neg_len, q, 5, kc.data(), vc.data()), ErrorCode::InvalidArgument, "lengths");
+  CHECK_THROWS_CODE(kv_cache_store(B, T, C, nullptr, nullptr, 5, kc.data(), vc.data()), ErrorCode::InvalidArgument, "qkv");
+  CHECK_THROWS_CODE(kv_cache_store(B, T, C, nullptr, q, 5, nullptr, vc.data()), ErrorCode::InvalidArgument, "k_cache");
+  CHECK_THROWS_CODE(kv_cache_store(B, T, C, nullptr, q, 5, kc.data(), nullptr), ErrorCode::InvalidArgument, "v_cache");
+  CHECK_NO_THROW(kv_cache_store(B, T, C, ok_len, q, 5, kc.data(), vc.data()));
+
+  const int32_t pos_ok[2] = {4, -1}, pos_far[2] = {5, 0}, pos_done[2] = {-1, -3};
+  CHECK_THROWS_CODE(attention_decode(-1, C, H, pos_ok, q, 5, kc.data(), vc.data(), dec_out.data()), ErrorCode::InvalidArgument, "B");
+  CHECK_THROWS_CODE(attention_decode(B, 6, 4, pos_ok, q, 5, kc.data(), vc.data(), dec_out.data()), ErrorCode::InvalidArgument, "C");
+  CHECK_THROWS_CODE(attention_decode(B, C, 0, pos_ok, q, 5, kc.data(), vc.data(), dec_out.data()), ErrorCode::InvalidArgument, "H");
+  CHECK_THROWS_CODE(attention_decode(B, C, H, nullptr, q, 5, kc.data(), vc.data(), dec_out.data()), ErrorCode::InvalidArgument, "positions");
+  CHECK_THROWS_CODE(attention_decode(B, C, H, pos_far, q, 5, kc.data(), vc.data(), dec_out.data()), ErrorCode::InvalidArgument, "positions");
+  CHECK_THROWS_CODE(attention_decode(B, C, H, pos_ok, q, -1, kc.data(), vc.data(), dec_out.data()), ErrorCode::InvalidArgument, "cache_T");
+  CHECK_THROWS_CODE(attention_decode(B, C, H, pos_ok, nullptr, 5, kc.data(), vc.data(), dec_out.data()), ErrorCode::InvalidArgument, "qkv");
+  CHECK_THROWS_CODE(attention_decode(B, C, H, pos_ok, q, 5, nullptr, vc.data(), dec_out.data()), ErrorCode::InvalidArgument, "k_cache");
+  CHECK_THROWS_CODE(attention_decode(B, C, H, pos_ok, q, 5, kc.data(), nullptr, dec_out.data()), ErrorCode::InvalidArgument, "v_cache");
+  CHECK_THROWS_CODE(attention_decode(B, C, H, pos_ok, q, 5, kc.data(), vc.data(), nullptr), ErrorCode::InvalidArgument, "out");
+  // Every sequence finished: the cache is not touched, so it may be absent.
+  std::fill(dec_out.begin(), dec_out.end(), tu::kNaN);
+  CHECK_NO_THROW(attention_decode(B, C, H, pos_done, q, 5, nullptr, nullptr, dec_out.data()));
+  for (float x : dec_out) CHECK(x == 0.0f);
+  CHECK_NO_THROW(attention_decode(0, C, H, nullptr, nullptr, 5, nullptr, nullptr, nullptr));
+}
+
+// ---- timing (printed, not asserted) --------------------------------------------------------
+
+TEST(attention_timing_model_shapes) {
+  // The attention of one layer in the training step of the 6-layer width-384 model
+  // (B=8, T=128) and of GPT-2 124M (B=4, T=64, C=768, H=12): best of a few calls.
+  tu::Rng rng(51);
+  const Shape shapes[] = {{8, 128, 384, 6}, {4, 64, 768, 12}};
+  for (const Shape& s : shapes) {
+    std::vector<float> qkv = tu::normal(rng, s.qkv_size()), dout = tu::normal(rng, s.out_size());
+    std::vector<float> att(s.att_size()), out(s.out_size()), g(s.qkv_size(), 0.0f);
+    auto best_ms = [](auto&& fn) {
+      double best = 1e30;
+      for (int rep = 0; rep < 5; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        fn();
+        best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      return best;
+    };
+    const double fwd = best_ms([&] { attention_forward(s.B, s.T, s.C, s.H, nullptr, qkv.data(), att.data(), out.data()); });
+    const double fwd_no_att = best_ms([&] { attention_forward(s.B, s.T, s.C, s.H, nullptr, qkv.data(), nullptr, out.data()); });
+    const double bwd = best_ms([&] { attention_backward(s.B, s.T, s.C, s.H, nullptr, dout.data(), qkv.data(), att.data(), g.data()); });
+    CHECK(std::isfinite(out[0]) && std::isfinite(g[0]));
+    std::printf("    %s: forward %.3f ms (without att %.3f ms), backward %.3f ms\n", s.str().c_str(), fwd,
+                fwd_no_att, bwd);
+  }
+}
+
+PPO_TEST_MAIN()
