@@ -10,17 +10,21 @@ import * as ts from 'typescript';
 
 const root = path.resolve(__dirname, '..');
 
-function quickExample(): string {
+// The first ts block after the heading `heading`.
+function example(heading: string): string {
   const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8');
-  const match = readme.match(/## Quick example\n\n```ts\n([\s\S]*?)```/);
-  if (!match) throw new Error('README.md has no "## Quick example" ts block');
+  const at = readme.indexOf(`${heading}\n`);
+  const match = at < 0 ? null : readme.slice(at).match(/```ts\n([\s\S]*?)```/);
+  if (!match) throw new Error(`README.md has no ts block under "${heading}"`);
   return match[1];
 }
 
-describe('README quick example', () => {
-  test('type-checks and runs', async () => {
+// Type-checks a README example (strict) against the package's sources, runs it, and
+// returns what it logged.
+async function typeCheckAndRun(code0: string): Promise<unknown[]> {
+  {
     const lib = path.join(root, 'lib').split(path.sep).join('/');
-    const code = quickExample().replace(/from 'ppo-max'/g, `from '${lib}'`);
+    const code = code0.replace(/from 'ppo-max'/g, `from '${lib}'`);
     const imports = code.split('\n').filter((l) => l.startsWith('import '));
     const body = code.split('\n').filter((l) => !l.startsWith('import '));
     const source = `${imports.join('\n')}\nexport async function run(): Promise<void> {\n${body.join('\n')}\n}\n`;
@@ -51,6 +55,13 @@ describe('README quick example', () => {
     // The example imports the TypeScript sources, which jest's require compiles.
     new Function('require', 'module', 'exports', 'console', js)(require, mod, mod.exports, fakeConsole);
     await mod.exports.run!();
+    return logged;
+  }
+}
+
+describe('README examples', () => {
+  test('the quick example type-checks and runs', async () => {
+    const logged = await typeCheckAndRun(example('## Quick example'));
     expect(logged.length).toBe(1);
     const [loss, clipFraction, approxKl, grad] = logged[0] as [number, number, number, Float32Array];
     expect(Number.isFinite(loss)).toBe(true);
@@ -58,4 +69,17 @@ describe('README quick example', () => {
     expect(approxKl).toBe(0);
     expect(grad.length).toBe(8);
   });
+
+  test('the model example type-checks and runs', async () => {
+    const logged = await typeCheckAndRun(example('## The model (the GPT-2 engine)'));
+    expect(logged.length).toBe(1);
+    const [loss, tokens, logprobs] = logged[0] as [number, Int32Array, Float32Array];
+    expect(loss).toBeGreaterThan(3); // ~log(64) for a fresh model
+    expect(loss).toBeLessThan(5);
+    expect(ArrayBuffer.isView(tokens)).toBe(true);
+    expect(tokens.length).toBeGreaterThan(0);
+    expect(logprobs.length).toBe(10);
+    expect(logprobs[0]).toBe(0); // no prediction for the first token
+    expect(logprobs[1]).toBeLessThan(0);
+  }, 30000);
 });
