@@ -1,34 +1,31 @@
 // Causal multi-head self-attention on the CPU: forward, backward and the KV-cache decode
 // step (see attention.h for the contracts). llm.c's math, arranged so that every hot loop
-// is a contiguous, vectorizable stream with independent accumulators:
+// streams contiguous 16-float slices into independent vector accumulators:
 //
 //   scores   Each (b, h) gathers its keys transposed, KT [hs, ld] (KT[i, s] = k_s[i],
-//            zero past the valid keys, ld a multiple of kBlock). A query row's scores are
-//            then, per block of kBlock keys, kBlock accumulators acc[j] += q[i] KT[i, s0+j]
-//            over i: no horizontal reductions, and every score is one sum over i in
-//            ascending order, whichever block it falls in.
+//            zero past the valid keys, ld a multiple of 16). The scores of a row are then
+//            acc[s] += q[i] * KT[i, s] over i, 16 keys per vector: no horizontal sums, and
+//            each score is one chain over i in ascending order.
 //   softmax  scaled, max-subtracted, fast_exp; the max and the sum in kLanes lanes over
 //            the row padded with -inf to whole lane blocks (exp(-inf) = 0 exactly).
-//   values   out = sum_s p[s] v_s, s ascending, hs accumulators (hs = 64, GPT-2's head
-//            size, is compiled with a constant width so they live in registers).
+//   values   out = sum_s p[s] v_s: acc[i] += p[s] * v_s[i], s ascending.
+// All three are one kernel shape (tile_rows / tile_row below): weighted sums of the rows
+// of a streamed matrix, 4 output rows at a time sharing each loaded slice.
 //
-// The backward has the same three shapes: d_att[t, s] = dout_t . v_s is the score kernel
-// on VT [hs, ld]; d_q_t = scale sum_s d_preatt[t, s] k_s is a value sum along a row of
+// The backward has the same shapes: d_att[t, s] = dout_t . v_s is the score kernel on
+// VT [hs, ld]; d_q_t = scale sum_s d_preatt[t, s] k_s is a value sum along a row of
 // d_preatt (kept in a [T, T] scratch); d_v_s = sum_{t >= s} att[t, s] dout_t and
 // d_k_s = scale sum_{t >= s} d_preatt[t, s] q_t are value sums down a column (weights
-// read with a stride), t ascending.
+// read with a stride of T), t ascending.
 //
-// Register blocking: with 32 vector registers of 16 floats (AVX-512), one row's 64
-// accumulators are 4 dependency chains, too few to hide the fma latency, so two rows
-// (query rows, or key columns in the backward) go through the kernels together, sharing
-// the loads of KT / V. Elsewhere (AVX2: 8 registers per row already) one row at a time.
-// A row's arithmetic is the same either way: each output is the same chain of operations
-// in the same order, so the grouping never changes a bit.
+// Memory: the forward uses O(T * hs) scratch per thread (KT and 4 rows of scores), never
+// T * T; the backward adds a [T, T] d_preatt per thread.
 //
 // Determinism: work is split over (b, h) only; each (b, h) owns the columns h*hs..(h+1)*hs
 // of every row of out / grad_qkv (and of the cache in decode) and the att rows of its
 // head, so no two threads touch one element, and every sum runs in an order that depends
-// on nothing but the shapes. The decode step runs the same row kernels as the forward on
+// on nothing but the shapes (the grouping of rows and columns into tiles never changes an
+// element's chain of operations). The decode step runs the same kernels as the forward on
 // the same (gathered) operands, so a decode output has the same bits as the forward's
 // output at that position.
 #include "cpu/attention.h"
@@ -641,7 +638,7 @@ void attention_backward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_
                         qkv + b * T * C3 + h * hs};
           if (hd.len == 0) continue;
           backward_head_dispatch(hd, grad_out + b * T * C + h * hs, att + item * T * T,
-                        grad_qkv + b * T * C3 + h * hs, vt, da, dpre);
+                                 grad_qkv + b * T * C3 + h * hs, vt, da, dpre);
         }
       },
       grain_for(4 * T * T * hs + 1));

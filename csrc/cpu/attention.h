@@ -21,7 +21,8 @@ namespace ppo::cpu {
 
 // out [B, T, C]: out[b, t, h*hs + i] = sum_{s <= t} att[b, h, t, s] * v[b, s, h*hs + i]
 // att [B, H, T, T]: the softmax probabilities, written for s <= t and 0 for s > t; may
-// be nullptr when no backward follows (then only O(T) scratch per thread is used).
+// be nullptr when no backward follows (then no T x T buffer is used at all: the scratch
+// is O(T * hs) per thread, the head's keys gathered and a few rows of scores).
 void attention_forward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
                        const float* qkv, float* att, float* out);
 
@@ -43,7 +44,9 @@ void kv_cache_store(int64_t B, int64_t T, int64_t C, const int32_t* lengths, con
 // qkv [B, 3C] row b at position p = positions[b] of the cache, then
 //   out[b, h*hs + i] = sum_{s <= p} softmax_s(q . k_s / sqrt(hs)) v_s[h*hs + i]
 // over the cache rows 0..p. Rows with positions[b] < 0 (finished sequences) are skipped:
-// out row written as 0, cache untouched. positions[b] < cache_T.
+// out row written as 0, cache untouched. positions[b] < cache_T. Given the same k and v
+// rows in the cache, out has the same bits as attention_forward's out at row p (the same
+// kernels run in the same order).
 void attention_decode(int64_t B, int64_t C, int64_t H, const int32_t* positions,
                       const float* qkv, int64_t cache_T, float* k_cache, float* v_cache,
                       float* out);

@@ -57,12 +57,16 @@ void linear_backward(int64_t rows, int64_t in, int64_t out, const float* dy, con
   if (db) cpu::bias_backward(rows, out, dy, db);
 }
 
-// A standard normal from two uniforms (Box-Muller): the same numbers on every platform,
-// unlike std::normal_distribution.
-double normal(Rng& rng) {
-  const double u1 = 1.0 - rng.uniform();  // (0, 1]
-  const double u2 = rng.uniform();
-  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+// n values N(0, sigma^2) from uniforms by Box-Muller, both outputs of each pair used: the
+// same numbers on every platform, unlike std::normal_distribution.
+void fill_normal(Rng& rng, float* out, int64_t n, double sigma) {
+  for (int64_t i = 0; i < n; i += 2) {
+    const double u1 = 1.0 - rng.uniform();  // (0, 1]
+    const double u2 = rng.uniform();
+    const double r = sigma * std::sqrt(-2.0 * std::log(u1));
+    out[i] = static_cast<float>(r * std::cos(6.283185307179586 * u2));
+    if (i + 1 < n) out[i + 1] = static_cast<float>(r * std::sin(6.283185307179586 * u2));
+  }
 }
 
 bool is_01(float v) { return v == 0.0f || v == 1.0f; }
@@ -128,8 +132,16 @@ struct Model::Impl {
   std::vector<float> r_head_logits;
   bool r_logprobs = false, r_entropy = false, r_values = false, r_lm = false;
 
-  // ---- the backward pass's scratch, [N, *], grown as needed ---------------------------------
-  std::vector<float> bw_dres, bw_dlnf, bw_dfchg, bw_dfch, bw_dqkv, bw_dsmall;
+  // ---- scratch kept between calls (grown to the largest batch yet, never shrunk, so a
+  // training loop allocates and page-faults its memory once) ------------------------------
+  std::vector<float> bw_dres, bw_dlnf, bw_dfchg, bw_dfch, bw_dqkv, bw_dsmall;  // [N, *]
+  std::vector<float> head_scratch;        // [kHeadChunk, V]: logits or d logits of a chunk
+  std::vector<float> head_hs, head_dhs;   // [chunk, C]: gathered hidden states, their grads
+
+  static float* grow(std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+    return v.data();
+  }
 
   // ---- the KV cache of the last generate() -----------------------------------------------
   std::vector<float> kv_cache;
@@ -338,20 +350,20 @@ struct Model::Impl {
     if (req.logprobs) std::fill(req.logprobs, req.logprobs + N, 0.0f);
     if (req.entropy) std::fill(req.entropy, req.entropy + N, 0.0f);
 
-    std::vector<float> head_logits;
     if (want_targets && K > 0) {
-      // Rows that predict the targets, gathered: hs [chunk, C] -> logits [chunk, V].
+      // Rows that predict the targets, gathered: hs [chunk, C] -> logits [chunk, V]. A
+      // retained forward keeps all K rows of logits (in r_head_logits, whose memory is
+      // reused from step to step); otherwise one chunk of scratch at a time.
       std::vector<float> lp(static_cast<size_t>(K)), ent(req.entropy ? static_cast<size_t>(K) : 0);
-      if (req.retain) head_logits.resize(static_cast<size_t>(K * Vv));
       const int64_t chunk = req.retain ? K : std::min<int64_t>(K, kHeadChunk);
-      std::vector<float> scratch(req.retain ? 0 : static_cast<size_t>(chunk * Vv));
-      std::vector<float> hs(static_cast<size_t>(chunk * c));
+      float* logits_base = req.retain ? grow(r_head_logits, K * Vv) : grow(head_scratch, chunk * Vv);
+      float* hs = grow(head_hs, chunk * c);
       for (int64_t k0 = 0; k0 < K; k0 += chunk) {
         const int64_t kn = std::min(chunk, K - k0);
         for (int64_t i = 0; i < kn; ++i)
-          std::memcpy(hs.data() + i * c, lnf + (targets[k0 + i] - 1) * c, sizeof(float) * c);
-        float* logits = req.retain ? head_logits.data() + k0 * Vv : scratch.data();
-        linear_forward(kn, c, Vv, hs.data(), P + layout.wte, nullptr, logits);
+          std::memcpy(hs + i * c, lnf + (targets[k0 + i] - 1) * c, sizeof(float) * c);
+        float* logits = req.retain ? logits_base + k0 * Vv : logits_base;
+        linear_forward(kn, c, Vv, hs, P + layout.wte, nullptr, logits);
         head_logprobs(kn, logits, target_tokens.data() + k0, lp.data() + k0,
                       req.entropy ? ent.data() + k0 : nullptr);
       }
@@ -372,7 +384,6 @@ struct Model::Impl {
       r_positions = std::move(positions);
       r_targets = std::move(targets);
       r_target_tokens = std::move(target_tokens);
-      r_head_logits = std::move(head_logits);
       r_logprobs = req.logprobs != nullptr;
       r_entropy = req.entropy != nullptr;
       r_values = req.values != nullptr;
@@ -431,13 +442,8 @@ struct Model::Impl {
     ensure_grads();
     const float* P = params.data();
     float* G = grads.data();
-    // Scratch of the backward pass, kept between calls (sized for the largest batch yet).
-    auto sized = [](std::vector<float>& v, int64_t n) -> std::vector<float>& {
-      if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-      return v;
-    };
-    float* dres = sized(bw_dres, N * c).data();  // d x of the current block (the residual stream)
-    float* dlnf = sized(bw_dlnf, N * c).data();  // d lnf
+    float* dres = grow(bw_dres, N * c);  // d x of the current block (the residual stream)
+    float* dlnf = grow(bw_dlnf, N * c);  // d lnf
     std::fill(dres, dres + N * c, 0.0f);
     std::fill(dlnf, dlnf + N * c, 0.0f);
 
@@ -465,8 +471,9 @@ struct Model::Impl {
         for (int64_t i = 0; i < K; ++i) gent[i] = req.grad_entropy[r_targets[i]];
       }
       const int64_t chunk = std::min<int64_t>(K, kHeadChunk);
-      std::vector<float> dlogits(static_cast<size_t>(chunk * Vv)), hs(static_cast<size_t>(chunk * c)),
-          dhs(static_cast<size_t>(chunk * c));
+      float* dlogits = grow(head_scratch, chunk * Vv);
+      float* hs = grow(head_hs, chunk * c);
+      float* dhs = grow(head_dhs, chunk * c);
       for (int64_t k0 = 0; k0 < K; k0 += chunk) {
         const int64_t kn = std::min(chunk, K - k0);
         LogprobsBackwardArgs a;
@@ -477,14 +484,13 @@ struct Model::Impl {
         a.tokens = r_target_tokens.data() + k0;
         a.grad_logprobs = glp.data() + k0;
         a.grad_entropy = gent.empty() ? nullptr : gent.data() + k0;
-        a.grad_logits = dlogits.data();
+        a.grad_logits = dlogits;
         cpu::logprobs_backward(a);
         for (int64_t i = 0; i < kn; ++i)
-          std::memcpy(hs.data() + i * c, lnf + (r_targets[k0 + i] - 1) * c, sizeof(float) * c);
-        linear_backward(kn, c, Vv, dlogits.data(), hs.data(), P + layout.wte, dhs.data(), false,
-                        G + layout.wte, nullptr);
+          std::memcpy(hs + i * c, lnf + (r_targets[k0 + i] - 1) * c, sizeof(float) * c);
+        linear_backward(kn, c, Vv, dlogits, hs, P + layout.wte, dhs, false, G + layout.wte, nullptr);
         for (int64_t i = 0; i < kn; ++i)
-          cpu::accumulate(c, dhs.data() + i * c, dlnf + (r_targets[k0 + i] - 1) * c);
+          cpu::accumulate(c, dhs + i * c, dlnf + (r_targets[k0 + i] - 1) * c);
       }
     }
 
@@ -494,10 +500,10 @@ struct Model::Impl {
                             G + layout.ln_f_weight, G + layout.ln_f_bias);
 
     // Blocks in reverse. dres holds d x3 (the block's output) on entry and d x on exit.
-    float* dfchg = sized(bw_dfchg, N * 4 * c).data();  // d GELU output
-    float* dfch = sized(bw_dfch, N * 4 * c).data();    // d GELU input
-    float* dqkv = sized(bw_dqkv, N * 3 * c).data();
-    float* dsmall = sized(bw_dsmall, N * c).data();    // d ln1, d ln2, d atty in turn
+    float* dfchg = grow(bw_dfchg, N * 4 * c);  // d GELU output
+    float* dfch = grow(bw_dfch, N * 4 * c);    // d GELU input
+    float* dqkv = grow(bw_dqkv, N * 3 * c);
+    float* dsmall = grow(bw_dsmall, N * c);    // d ln1, d ln2, d atty in turn
     for (int64_t l = cfg.n_layer - 1; l >= 0; --l) {
       const BlockOffsets& o = layout.blocks[l];
       const BlockActs& a = blocks[l];
@@ -741,7 +747,7 @@ Model::Model(const ModelConfig& config, uint64_t seed, const ModelOptions& optio
     }
     const bool residual_proj = t.name.find("c_proj.weight") != std::string::npos;
     const double sigma = residual_proj ? residual_std : 0.02;
-    for (int64_t i = 0; i < t.numel; ++i) w[i] = static_cast<float>(sigma * normal(rng));
+    fill_normal(rng, w, t.numel, sigma);
   }
 }
 
@@ -788,7 +794,8 @@ Model::Memory Model::memory() const {
           static_cast<int64_t>(impl_->adam_m.size() + impl_->adam_v.size()) * f,
           static_cast<int64_t>(impl_->arena.size() + impl_->r_head_logits.size() + impl_->bw_dres.size() +
                                impl_->bw_dlnf.size() + impl_->bw_dfchg.size() + impl_->bw_dfch.size() +
-                               impl_->bw_dqkv.size() + impl_->bw_dsmall.size()) * f,
+                               impl_->bw_dqkv.size() + impl_->bw_dsmall.size() + impl_->head_scratch.size() +
+                               impl_->head_hs.size() + impl_->head_dhs.size()) * f,
           static_cast<int64_t>(impl_->kv_cache.size()) * f};
 }
 

@@ -11,6 +11,9 @@
 // "checksum" line printed by attention_bit_identical_whatever_the_split must be the same.
 // (Inside one process the test checks that each sequence's results do not depend on
 // which other sequences share the call, i.e. on how items fall into chunks.)
+// Instruction sets: the kernels dispatch to AVX-512, AVX2+FMA or portable code; run with
+// PPO_ATTENTION_ISA=avx2 and =portable as well to test the fallbacks on a newer CPU (the
+// checksum differs between instruction sets, not between thread counts).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -20,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "core/thread_pool.h"
 #include "cpu/attention.h"
 #include "test_framework.h"
 #include "test_util.h"
@@ -211,6 +215,13 @@ void check_forward(const Problem& p, const std::vector<float>& att,
           for (int64_t i = 0; i < hs; ++i) CHECK_NEAR_CTX(out[o0 + i], 0.0, 0.0, 0.0, "out pad " + where);
           continue;
         }
+        // Each row sums to 1 within the rounding of the normalization alone: whatever
+        // the scores' rounding, p_s = e_s * (1 / sum_u e_u) in float, so the sum is off
+        // by at most the float sum of the e_u plus two roundings: (t + 1 + 8) u. (A
+        // tighter check than the elementwise one below for short rows.)
+        double row_sum = 0.0;
+        for (int64_t u = 0; u <= t; ++u) row_sum += att[a0 + u];
+        CHECK_NEAR_CTX(row_sum, 1.0, (t + 9.0) * kU, 0.0, "att row sum " + where);
         const double rel = r.rel_p[b * T + t];
         for (int64_t u = 0; u < T; ++u) {
           const double want = r.att[a0 + u];
@@ -437,7 +448,8 @@ TEST(attention_backward_accumulates) {
 
 TEST(attention_padding_garbage_changes_nothing) {
   // The same valid data with finite padding vs NaN/inf padding (in qkv and dout): every
-  // valid output, probability and gradient is bit-identical, padded outputs are 0.
+  // valid output, probability and gradient is bit-identical, padded outputs are 0, and
+  // padded rows get no gradient.
   tu::Rng rng(24);
   const Shape s{3, 26, 64, 2};
   const std::vector<int32_t> lengths = {9, 26, 0};
@@ -457,6 +469,15 @@ TEST(attention_padding_garbage_changes_nothing) {
   attention_backward(s.B, s.T, s.C, s.H, lengths.data(), dirty.dout.data(), dirty.qkv.data(), att_d.data(), g_d.data());
   attention_backward(s.B, s.T, s.C, s.H, lengths.data(), clean.dout.data(), clean.qkv.data(), att_c.data(), g_c.data());
   CHECK_BITWISE_EQUAL(g_d.data(), g_c.data(), s.qkv_size(), "grad_qkv");
+  // The backward reads att only at s <= t < length: NaN elsewhere changes nothing.
+  std::vector<float> att_nan = att_d, g_n(s.qkv_size(), 0.0f);
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t h = 0; h < s.H; ++h)
+      for (int64_t t = 0; t < s.T; ++t)
+        for (int64_t u = 0; u < s.T; ++u)
+          if (u > t || t >= lengths[b]) att_nan[((b * s.H + h) * s.T + t) * s.T + u] = tu::kNaN;
+  attention_backward(s.B, s.T, s.C, s.H, lengths.data(), dirty.dout.data(), dirty.qkv.data(), att_nan.data(), g_n.data());
+  CHECK_BITWISE_EQUAL(g_n.data(), g_d.data(), s.qkv_size(), "grad_qkv, att NaN outside s <= t < length");
   for (int64_t b = 0; b < s.B; ++b)
     for (int64_t t = lengths[b]; t < s.T; ++t)
       for (int64_t c = 0; c < 3 * s.C; ++c) CHECK(g_d[(b * s.T + t) * 3 * s.C + c] == 0.0f);
@@ -494,8 +515,9 @@ TEST(attention_decode_matches_full_forward) {
     run_forward(full, att, out_full);
     check_forward(full, att, out_full);
 
-    // Prefill: the prompts, NaN past each prompt's length (must not be stored).
-    std::vector<float> prompt(B * Tp * C3, tu::kNaN);
+    // Prefill: the prompts, and past each prompt's length a finite marker that must not
+    // be stored (the cache there stays NaN).
+    std::vector<float> prompt(B * Tp * C3, 1234.5f);
     for (int64_t b = 0; b < B; ++b)
       std::copy_n(&full.qkv[b * T * C3], c.prompt[b] * C3, &prompt[b * Tp * C3]);
     std::vector<float> kc = tu::poisoned(B * c.cache_T * C), vc = tu::poisoned(B * c.cache_T * C);
@@ -674,8 +696,8 @@ TEST(attention_timing_model_shapes) {
     const double fwd_no_att = best_ms([&] { attention_forward(s.B, s.T, s.C, s.H, nullptr, qkv.data(), nullptr, out.data()); });
     const double bwd = best_ms([&] { attention_backward(s.B, s.T, s.C, s.H, nullptr, dout.data(), qkv.data(), att.data(), g.data()); });
     CHECK(std::isfinite(out[0]) && std::isfinite(g[0]));
-    std::printf("    %s: forward %.3f ms (without att %.3f ms), backward %.3f ms\n", s.str().c_str(), fwd,
-                fwd_no_att, bwd);
+    std::printf("    %s [%s, %d threads]: forward %.3f ms (without att %.3f ms), backward %.3f ms\n",
+                s.str().c_str(), ppo::cpu::attention_isa(), ppo::cpu_thread_count(), fwd, fwd_no_att, bwd);
   }
 }
 
