@@ -7,6 +7,8 @@
 // than silently ignored, since the loaded model would then compute something else.
 #include "model/config.h"
 
+#include <algorithm>
+
 #include <cmath>
 #include <limits>
 
@@ -129,8 +131,12 @@ ModelConfig config_from_json(const std::string& text, const std::string& source)
                 std::string("must be a number, got ") + json::type_name(v->type()));
     c.layer_norm_epsilon = v->as_double();
   }
-  read_int(root, source, "bos_token_id", c.bos_token_id);
-  read_int(root, source, "eos_token_id", c.eos_token_id);
+  // Absent ids take GPT-2's 50256 (transformers' default) when the vocabulary holds it,
+  // else the last id (GPT-2's convention: <|endoftext|> is the last token), so a config of
+  // a small vocabulary that leaves them out still loads. Ids that ARE given must fit.
+  const int64_t default_special = std::min<int64_t>(50256, c.vocab_size - 1);
+  if (!read_int(root, source, "bos_token_id", c.bos_token_id)) c.bos_token_id = default_special;
+  if (!read_int(root, source, "eos_token_id", c.eos_token_id)) c.eos_token_id = default_special;
   read_bool(root, source, "ppo_max_value_head", c.value_head);
 
   // GELU: this engine computes the tanh approximation, which transformers calls

@@ -54,7 +54,8 @@ struct ForwardRequest {
   // Which positions the token-level outputs (logprobs, entropy, the LM loss) are computed
   // at: [batch, steps] of 0/1, read only at 1 <= t < n; nullptr selects every such
   // position. Only these positions go through the LM head (a [positions, vocab] matrix,
-  // never more), so asking for the response tokens alone costs only them.
+  // never more), so asking for the response tokens alone costs only them. logprobs and
+  // entropy are 0 at every position that is not a target.
   const float* target_mask = nullptr;
   // The masked LM cross-entropy, mean over the target positions of
   // -log p(tokens[b, t] | tokens[b, <t]) (SFT and the ptx loss).

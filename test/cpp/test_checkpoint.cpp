@@ -571,6 +571,20 @@ TEST(config_defaults_and_hf_gpt2) {
   CHECK(ppo::model::config_from_json("{\"layer_norm_epsilon\": 1}").layer_norm_epsilon == 1.0);
 }
 
+TEST(config_special_token_defaults_fit_a_small_vocabulary) {
+  // Absent bos/eos ids: GPT-2's 50256 when the vocabulary holds it, else its last id.
+  const ModelConfig small = ppo::model::config_from_json(
+      "{\"vocab_size\": 100, \"n_embd\": 8, \"n_head\": 2, \"n_layer\": 1, \"n_positions\": 16}");
+  CHECK(small.bos_token_id == 99);
+  CHECK(small.eos_token_id == 99);
+  const ModelConfig big = ppo::model::config_from_json("{\"vocab_size\": 60000}");
+  CHECK(big.bos_token_id == 50256);
+  CHECK(big.eos_token_id == 50256);
+  // Given ids must fit.
+  CHECK_THROWS_CODE(ppo::model::config_from_json("{\"vocab_size\": 100, \"eos_token_id\": 100}"),
+                    ErrorCode::InvalidArgument, "eos_token_id");
+}
+
 TEST(config_n_ctx) {
   CHECK(ppo::model::config_from_json("{\"n_ctx\": 512}").n_positions == 512);
   CHECK(ppo::model::config_from_json("{\"n_ctx\": 512, \"n_positions\": 256}").n_positions == 256);
