@@ -12,30 +12,7 @@ namespace {
 
 Napi::Value get(const Napi::Object& args, const char* name) { return args.Get(name); }
 
-bool absent(const Napi::Value& v) { return v.IsUndefined() || v.IsNull(); }
-
-template <typename T, napi_typedarray_type kType>
-const T* typed_array(const Napi::Object& args, const char* name, int64_t length,
-                     bool optional, const char* type_name,
-                     std::vector<Napi::Reference<Napi::Value>>& keep) {
-  Napi::Value v = get(args, name);
-  if (absent(v)) {
-    if (optional) return nullptr;
-    throw_invalid(std::string(name) + " is required (a " + type_name + ")", name);
-  }
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != kType) {
-    throw_invalid(std::string(name) + " must be a " + type_name, name);
-  }
-  auto arr = v.As<Napi::TypedArrayOf<T>>();
-  if (static_cast<int64_t>(arr.ElementLength()) != length) {
-    throw ppo::Error(ErrorCode::ShapeMismatch,
-                     std::string(name) + " has " + std::to_string(arr.ElementLength()) +
-                         " elements, expected " + std::to_string(length),
-                     name);
-  }
-  keep.push_back(Napi::Persistent(v));
-  return arr.Data();
-}
+bool absent(const Napi::Value& v) { return is_absent(v); }
 
 }  // namespace
 

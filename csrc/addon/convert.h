@@ -53,6 +53,37 @@ class OpCall {
   Scalars scalars_;
 };
 
+// undefined or null: an argument that was not given.
+inline bool is_absent(const Napi::Value& v) { return v.IsUndefined() || v.IsNull(); }
+
+// The typed array args[name] of element type kType ("Float32Array", ... as type_name in
+// messages), of exactly `length` elements (any length when length < 0; the length found is
+// stored in *actual_length when given). It is kept alive by a reference added to `keep`
+// until the call settles. Absent and optional: nullptr. Throws ppo::Error naming `name`:
+// InvalidArgument for a missing or wrongly typed value, ShapeMismatch for a wrong length.
+template <typename T, napi_typedarray_type kType>
+const T* typed_array(const Napi::Object& args, const char* name, int64_t length, bool optional,
+                     const char* type_name, std::vector<Napi::Reference<Napi::Value>>& keep,
+                     size_t* actual_length = nullptr) {
+  Napi::Value v = args.Get(name);
+  if (is_absent(v)) {
+    if (optional) return nullptr;
+    throw ppo::Error(ErrorCode::InvalidArgument, std::string(name) + " is required (a " + type_name + ")", name);
+  }
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != kType)
+    throw ppo::Error(ErrorCode::InvalidArgument, std::string(name) + " must be a " + type_name, name);
+  auto arr = v.As<Napi::TypedArrayOf<T>>();
+  if (length >= 0 && static_cast<int64_t>(arr.ElementLength()) != length) {
+    throw ppo::Error(ErrorCode::ShapeMismatch,
+                     std::string(name) + " has " + std::to_string(arr.ElementLength()) +
+                         " elements, expected " + std::to_string(length),
+                     name);
+  }
+  if (actual_length) *actual_length = arr.ElementLength();
+  keep.push_back(Napi::Persistent(v));
+  return arr.Data();
+}
+
 // A JS Error with `code` (and `argument`) from a ppo::Error.
 Napi::Error make_error(Napi::Env env, const std::string& code, const std::string& message,
                        const std::string& argument);

@@ -223,28 +223,11 @@ class Args {
   }
 
   // A typed array of exactly `length` elements (any length when length < 0), kept
-  // alive by `keep` until the call settles. Absent and optional: nullptr.
+  // alive by `keep` until the call settles (see typed_array in convert.h).
   template <typename T, napi_typedarray_type kType>
   const T* array(const char* name, int64_t length, bool optional, const char* type_name,
                  KeepAlive& keep, size_t* actual_length = nullptr) const {
-    Napi::Value v = get(name);
-    if (absent(v)) {
-      if (optional) return nullptr;
-      throw_invalid(std::string(name) + " is required (a " + type_name + ")", name);
-    }
-    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != kType) {
-      throw_invalid(std::string(name) + " must be a " + type_name, name);
-    }
-    auto arr = v.As<Napi::TypedArrayOf<T>>();
-    if (length >= 0 && static_cast<int64_t>(arr.ElementLength()) != length) {
-      throw Error(ErrorCode::ShapeMismatch,
-                  std::string(name) + " has " + std::to_string(arr.ElementLength()) +
-                      " elements, expected " + std::to_string(length),
-                  name);
-    }
-    if (actual_length) *actual_length = arr.ElementLength();
-    keep.push_back(Napi::Persistent(v));
-    return arr.Data();
+    return typed_array<T, kType>(object_, name, length, optional, type_name, keep, actual_length);
   }
   const float* f32(const char* name, int64_t length, bool optional, KeepAlive& keep) const {
     return array<float, napi_float32_array>(name, length, optional, "Float32Array", keep);

@@ -39,6 +39,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "cpu/arg_checks.h"
 #include "core/thread_pool.h"
 #include "cpu/vec_math.h"
 
@@ -520,15 +521,6 @@ PPO_ATTN_VERSIONS(decode_head,
 
 // ---- validation and scratch -------------------------------------------------------------
 
-void require_size(int64_t value, const char* name) {
-  require(value >= 0, ErrorCode::InvalidArgument,
-          std::string(name) + " must be >= 0, got " + std::to_string(value), name);
-}
-
-void require_data(const void* p, const char* name) {
-  require(p != nullptr, ErrorCode::InvalidArgument, std::string(name) + " must not be null",
-          name);
-}
 
 // The multi-head layout: H >= 1, C >= 1, C % H == 0.
 void require_heads(int64_t C, int64_t H) {

@@ -11,21 +11,13 @@
 #include <string>
 
 #include "core/error.h"
+#include "cpu/arg_checks.h"
 #include "core/thread_pool.h"
 #include "cpu/vec_math.h"
 
 namespace ppo::cpu {
 namespace {
 
-void require_size(int64_t value, const char* name) {
-  require(value >= 0, ErrorCode::InvalidArgument,
-          std::string(name) + " must be >= 0, got " + std::to_string(value), name);
-}
-
-void require_data(const void* p, const char* name) {
-  require(p != nullptr, ErrorCode::InvalidArgument, std::string(name) + " must not be null",
-          name);
-}
 
 // beta in [0, 1) (false for NaN).
 void require_beta(float beta, const char* name) {

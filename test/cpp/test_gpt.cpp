@@ -191,6 +191,18 @@ void perturb(Model& m, uint64_t seed) {
   }
 }
 
+// One retained forward of the LM loss and its backward (scale 1): the SFT gradient.
+ForwardResult lm_loss_backward(Model& m, const Batch& batch) {
+  ForwardRequest req;
+  req.lm_loss = true;
+  req.retain = true;
+  const ForwardResult r = m.forward(batch.view(), req);
+  BackwardRequest back;
+  back.lm_loss_scale = 1.0;
+  m.backward(back);
+  return r;
+}
+
 }  // namespace
 
 TEST(forward_matches_float64_reference) {
@@ -439,13 +451,7 @@ TEST(same_seed_same_model_and_training_is_bit_reproducible) {
     tu::Rng rng(22);
     const Batch batch = make_batch(rng, 23, 0);
     for (int s = 0; s < 3; ++s) {
-      ForwardRequest req;
-      req.lm_loss = true;
-      req.retain = true;
-      m.forward(batch.view(), req);
-      BackwardRequest back;
-      back.lm_loss_scale = 1.0;
-      m.backward(back);
+      lm_loss_backward(m, batch);
       AdamWOptions o;
       o.lr = 1e-2;
       o.weight_decay = 0.1;
@@ -465,14 +471,10 @@ TEST(gradients_accumulate_across_backward_calls) {
   Model m(tiny_config(), 31);
   tu::Rng rng(32);
   const Batch batch = make_batch(rng, 23, 0);
-  ForwardRequest req;
-  req.lm_loss = true;
-  req.retain = true;
-  m.forward(batch.view(), req);
+  lm_loss_backward(m, batch);
+  std::vector<float> once(m.grads(), m.grads() + m.parameter_count());
   BackwardRequest back;
   back.lm_loss_scale = 1.0;
-  m.backward(back);
-  std::vector<float> once(m.grads(), m.grads() + m.parameter_count());
   m.backward(back);
   for (int64_t i = 0; i < m.parameter_count(); ++i) CHECK_NEAR(m.grads()[i], 2.0 * once[i], 1e-7, 1e-6);
   CHECK_NEAR(m.grad_norm(), 2.0 * std::sqrt([&] {
@@ -490,17 +492,11 @@ TEST(a_tiny_model_drives_the_loss_of_a_fixed_batch_towards_zero) {
   Model m(cfg, 41);
   tu::Rng rng(42);
   const Batch batch = make_batch(rng, 23, 0);
-  ForwardRequest req;
-  req.lm_loss = true;
-  req.retain = true;
   double first = 0, last = 0;
   for (int s = 0; s < 150; ++s) {
-    const ForwardResult r = m.forward(batch.view(), req);
+    const ForwardResult r = lm_loss_backward(m, batch);
     if (s == 0) first = r.lm_loss;
     last = r.lm_loss;
-    BackwardRequest back;
-    back.lm_loss_scale = 1.0;
-    m.backward(back);
     AdamWOptions o;
     o.lr = 1e-2;
     m.step(o);
@@ -515,13 +511,7 @@ TEST(adamw_step_matches_reference_and_clips) {
   Model m(tiny_config(), 51);
   tu::Rng rng(52);
   const Batch batch = make_batch(rng, 23, 0);
-  ForwardRequest req;
-  req.lm_loss = true;
-  req.retain = true;
-  m.forward(batch.view(), req);
-  BackwardRequest back;
-  back.lm_loss_scale = 1.0;
-  m.backward(back);
+  lm_loss_backward(m, batch);
   const std::vector<double> p0 = params_double(m);
   const std::vector<double> g0(m.grads(), m.grads() + m.parameter_count());
   double norm = 0;
