@@ -18,6 +18,9 @@ namespace ppo::cpu {
 // Deterministic: every C element's k-sum is accumulated in the same order whatever the
 // thread count (threads split C into blocks of rows/columns, never the k dimension), so
 // results are bit-identical across runs and PPO_MAX_THREADS settings on one machine.
+// Nor does a row of C depend on the other rows computed with it: few rows (m <= 16, the
+// decode step's products) take an unpacked path with the same arithmetic, so C[i, :]
+// has the same bits whether row i comes alone or with many.
 // (Different instruction sets - AVX-512, AVX2, portable - may differ in the last bits.)
 //
 // Throws ppo::Error(InvalidArgument) naming the argument ("m", "n", "k", "lda", "ldb",

@@ -264,6 +264,111 @@ TEST(matmul_bit_identical_across_runs_and_splits) {
     }
 }
 
+// ---- The small-m path (m <= 8, or <= 16 with B transposed: the decode step) ----------
+
+TEST(matmul_small_m_against_reference) {
+  // m on both sides of the path's limits (8, and 16 for B transposed), n and k across the
+  // kernels' strip widths (8, 16, 32, 48, 64 columns) and k steps per transpose (8, 16),
+  // n = 1, and k over one block (256) with a tail in each block (257 = 129 + 128).
+  tu::Rng rng(11);
+  const int64_t nk[][2] = {{1, 1},   {1, 37},  {5, 16},   {17, 15},  {16, 17},
+                           {33, 31}, {49, 64}, {65, 100}, {47, 257}, {130, 300}};
+  for (int64_t m = 1; m <= 17; ++m)
+    for (const auto& s : nk)
+      for (bool ta : kTransposes)
+        for (bool tb : kTransposes) check_case(make_case(rng, ta, tb, m, s[0], s[1], 1.0f, 0.0f));
+}
+
+TEST(matmul_small_m_alpha_beta_and_strides) {
+  // beta = 0 with NaN-poisoned C (make_case), beta = 1 accumulation, other alpha/beta,
+  // every leading dimension padded (NaN in the padding of A and B, checked untouched in C).
+  tu::Rng rng(12);
+  const int64_t ms[] = {1, 3, 8, 9, 16};
+  const float alphas[] = {1.0f, -0.5f, 2.0f};
+  const float betas[] = {0.0f, 1.0f, -2.0f};
+  const int64_t pads[] = {0, 1, 7};
+  for (int64_t m : ms)
+    for (float alpha : alphas)
+      for (float beta : betas)
+        for (int64_t pad : pads)
+          for (bool ta : kTransposes)
+            for (bool tb : kTransposes) check_case(make_case(rng, ta, tb, m, 37, 45, alpha, beta, pad));
+}
+
+TEST(matmul_small_m_beta_one_accumulates) {
+  // C = A1 B1^T + A2 B2 in two calls (beta = 1 the second time), four rows.
+  tu::Rng rng(13);
+  Case first = make_case(rng, false, true, 4, 70, 300, 1.0f, 0.0f);
+  Case second = make_case(rng, false, false, 4, 70, 33, 1.0f, 1.0f);
+  second.c = run(first);
+  check_case(second);
+}
+
+TEST(matmul_small_m_bit_identical_to_many_rows) {
+  // The rows of a product computed alone or in small groups (the unpacked path) have the
+  // same bits as within one call of many rows (the packed path): both run the same
+  // arithmetic, so a row's result does not depend on the batch it comes with.
+  tu::Rng rng(14);
+  for (bool ta : kTransposes)
+    for (bool tb : kTransposes) {
+      const int64_t m = 45, n = 83, k = 600;  // k: 3 blocks of 200, 12 steps of 16 + 8
+      Case t = make_case(rng, ta, tb, m, n, k, 0.75f, -0.5f);
+      const std::vector<float> whole = run(t);
+      std::vector<float> by_groups = t.c;
+      const int64_t cuts[] = {0, 1, 3, 11, 20, 36, m};  // groups of 1, 2, 8, 9, 16, 9 rows
+      for (int g = 0; g + 1 < 7; ++g) {
+        const int64_t i0 = cuts[g], i1 = cuts[g + 1];
+        const float* a_slice = ta ? &t.a[i0] : &t.a[i0 * t.lda];
+        ppo::cpu::matmul(ta, tb, i1 - i0, n, k, t.alpha, a_slice, t.lda, t.b.data(), t.ldb, t.beta,
+                         &by_groups[i0 * t.ldc], t.ldc);
+      }
+      CHECK_BITWISE_EQUAL(by_groups.data(), whole.data(), static_cast<int64_t>(whole.size()),
+                          (std::string(ta ? "T" : "N") + (tb ? "T" : "N") + " row groups").c_str());
+    }
+}
+
+TEST(matmul_small_m_bit_identical_across_threads_and_column_splits) {
+  // B large enough (4 MB > the 1 MB a thread must get) that the pool splits the columns
+  // whenever PPO_MAX_THREADS > 1, against the same product in column slices small enough
+  // to run on one thread, cut at widths that are no multiple of any strip: every element
+  // has the same bits however the columns are divided, hence whatever the thread count
+  // (run this file with PPO_MAX_THREADS=1 and 3).
+  tu::Rng rng(15);
+  for (bool tb : kTransposes)
+    for (int64_t m : {int64_t{1}, int64_t{4}, int64_t{8}, int64_t{13}}) {
+      if (m > 8 && !tb) continue;  // B not transposed: the unpacked path stops at 8 rows
+      const int64_t n = 2051, k = 520;
+      Case t = make_case(rng, false, tb, m, n, k, 1.0f, 0.0f);
+      const std::vector<float> whole = run(t);
+      std::vector<float> sliced = t.c;
+      for (int64_t j0 = 0; j0 < n;) {
+        const int64_t j1 = std::min(n, j0 + (j0 == 0 ? 1 : 99));
+        const float* b_slice = tb ? &t.b[j0 * t.ldb] : &t.b[j0];
+        ppo::cpu::matmul(false, tb, m, j1 - j0, k, t.alpha, t.a.data(), t.lda, b_slice, t.ldb,
+                         t.beta, &sliced[j0], t.ldc);
+        j0 = j1;
+      }
+      CHECK_BITWISE_EQUAL(sliced.data(), whole.data(), static_cast<int64_t>(whole.size()),
+                          ("m=" + std::to_string(m) + (tb ? " NT" : " NN") + " column slices").c_str());
+      check_case(t);  // and the whole product is right
+    }
+}
+
+TEST(matmul_small_m_nan_and_inf_propagate) {
+  tu::Rng rng(16);
+  for (bool tb : kTransposes) {
+    Case t = make_case(rng, false, tb, 3, 40, 20, 1.0f, 0.0f);
+    t.a[1 * t.lda + 7] = tu::kNaN;                         // row 1 of C becomes NaN
+    (tb ? t.b[33 * t.ldb + 5] : t.b[5 * t.ldb + 33]) = tu::kInf;  // column 33: +-inf
+    std::vector<float> got = run(t);
+    for (int64_t j = 0; j < t.n; ++j) CHECK(std::isnan(got[1 * t.ldc + j]));
+    for (int64_t i : {int64_t{0}, int64_t{2}}) {
+      CHECK(std::isinf(got[i * t.ldc + 33]));
+      CHECK(std::isfinite(got[i * t.ldc + 32]));
+    }
+  }
+}
+
 TEST(matmul_argument_errors) {
   using ppo::ErrorCode;
   std::vector<float> a(64, 1.0f), b(64, 1.0f), c(64, 0.0f);
