@@ -21,17 +21,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 
 #include "core/error.h"
 #include "core/op_args.h"
-#include "core/thread_pool.h"
 #include "cpu/attention.h"
 #include "cpu/kernels.h"
 #include "cpu/layers.h"
 #include "cpu/matmul.h"
 #include "cpu/optimizer.h"
-#include "cpu/vec_math.h"
 #include "model/sampling.h"
 
 namespace ppo::model {
@@ -70,33 +67,6 @@ void fill_normal(Rng& rng, float* out, int64_t n, double sigma) {
 }
 
 bool is_01(float v) { return v == 0.0f || v == 1.0f; }
-
-// log sum_v exp(row[v]) of one row of logits [V], with `max` its (finite) maximum:
-// float lanes of fast_exp (vectorized), summed in double at the end.
-PPO_CPU_MULTIVERSION
-double row_logsumexp(const float* __restrict row, int64_t V, float max) {
-  float lanes[cpu::kLanes] = {};
-  int64_t v = 0;
-  for (; v + cpu::kLanes <= V; v += cpu::kLanes)
-    for (int j = 0; j < cpu::kLanes; ++j) lanes[j] += cpu::fast_exp(row[v + j] - max);
-  double sum = 0.0;
-  for (int j = 0; j < cpu::kLanes; ++j) sum += lanes[j];
-  for (; v < V; ++v) sum += std::exp(static_cast<double>(row[v] - max));
-  return static_cast<double>(max) + std::log(sum);
-}
-
-PPO_CPU_MULTIVERSION
-float row_max(const float* __restrict row, int64_t V) {
-  float lanes[cpu::kLanes];
-  for (int j = 0; j < cpu::kLanes; ++j) lanes[j] = -std::numeric_limits<float>::infinity();
-  int64_t v = 0;
-  for (; v + cpu::kLanes <= V; v += cpu::kLanes)
-    for (int j = 0; j < cpu::kLanes; ++j) lanes[j] = row[v + j] > lanes[j] ? row[v + j] : lanes[j];
-  float m = lanes[0];
-  for (int j = 1; j < cpu::kLanes; ++j) m = lanes[j] > m ? lanes[j] : m;
-  for (; v < V; ++v) m = row[v] > m ? row[v] : m;
-  return m;
-}
 
 }  // namespace
 
@@ -156,6 +126,32 @@ struct Model::Impl {
            (with_att ? B * cfg.n_head * T * T : 0);
   }
 
+  // One block's activations for (B, T), laid out from p (advanced past them): the
+  // block_floats(B, T, with_att) floats that follow p.
+  BlockActs carve_block(float*& p, int64_t B, int64_t T, bool with_att) const {
+    const int64_t N = B * T, c = C();
+    auto take = [&p](int64_t n) {
+      float* q = p;
+      p += n;
+      return q;
+    };
+    BlockActs a;
+    a.ln1 = take(N * c);
+    a.mean1 = take(N);
+    a.rstd1 = take(N);
+    a.qkv = take(N * 3 * c);
+    a.att = with_att ? take(B * cfg.n_head * T * T) : nullptr;
+    a.atty = take(N * c);
+    a.x2 = take(N * c);
+    a.ln2 = take(N * c);
+    a.mean2 = take(N);
+    a.rstd2 = take(N);
+    a.fch = take(N * 4 * c);
+    a.fchg = take(N * 4 * c);
+    a.x3 = take(N * c);
+    return a;
+  }
+
   // Points the arena at (B, T), growing it when needed. retain: every block gets its own
   // activations (and the attention probabilities); otherwise blocks share one set.
   void prepare_arena(int64_t B, int64_t T, bool retain) {
@@ -180,20 +176,7 @@ struct Model::Impl {
         blocks[l] = blocks[0];
         continue;
       }
-      BlockActs& a = blocks[l];
-      a.ln1 = take(N * c);
-      a.mean1 = take(N);
-      a.rstd1 = take(N);
-      a.qkv = take(N * 3 * c);
-      a.att = retain ? take(B * cfg.n_head * T * T) : nullptr;
-      a.atty = take(N * c);
-      a.x2 = take(N * c);
-      a.ln2 = take(N * c);
-      a.mean2 = take(N);
-      a.rstd2 = take(N);
-      a.fch = take(N * 4 * c);
-      a.fchg = take(N * 4 * c);
-      a.x3 = take(N * c);
+      blocks[l] = carve_block(p, B, T, retain);
     }
     lnf = take(N * c);
     lnf_mean = take(N);
@@ -236,34 +219,64 @@ struct Model::Impl {
   int64_t length_of(const TokenBatch& b, int64_t i) const { return b.lengths ? b.lengths[i] : b.steps; }
 
   // ---- the blocks ---------------------------------------------------------------------------
+  // Block l over `rows` rows: x [rows, C] -> a.x3 through the activations a. The attention
+  // is the caller's: attend(qkv [rows, 3C], atty [rows, C]), over the whole causal batch
+  // in a forward pass, or one cached position per sequence in a decoding step. a.x3 may
+  // be x itself (blocks that share one set of activations): x is last read before it.
+  template <typename Attend>
+  void block_forward(int64_t l, int64_t rows, const float* x, const BlockActs& a, Attend attend) {
+    const BlockOffsets& o = layout.blocks[l];
+    const float* P = params.data();
+    const int64_t c = C();
+    const float eps = static_cast<float>(cfg.layer_norm_epsilon);
+    cpu::layernorm_forward(rows, c, x, P + o.ln_1_weight, P + o.ln_1_bias, eps, a.ln1, a.mean1, a.rstd1);
+    linear_forward(rows, c, 3 * c, a.ln1, P + o.attn_weight, P + o.attn_bias, a.qkv);
+    attend(a.qkv, a.atty);
+    linear_forward(rows, c, c, a.atty, P + o.attn_proj_weight, P + o.attn_proj_bias, a.x2);
+    cpu::add(rows * c, a.x2, x, a.x2);
+    cpu::layernorm_forward(rows, c, a.x2, P + o.ln_2_weight, P + o.ln_2_bias, eps, a.ln2, a.mean2, a.rstd2);
+    linear_forward(rows, c, 4 * c, a.ln2, P + o.fc_weight, P + o.fc_bias, a.fch);
+    cpu::gelu_forward(rows * 4 * c, a.fch, a.fchg);
+    linear_forward(rows, 4 * c, c, a.fchg, P + o.fc_proj_weight, P + o.fc_proj_bias, a.x3);
+    cpu::add(rows * c, a.x3, a.x2, a.x3);
+  }
+
+  // The final LayerNorm of `rows` rows of the residual stream.
+  void final_layernorm(int64_t rows, const float* x, float* out, float* mean, float* rstd) const {
+    cpu::layernorm_forward(rows, C(), x, params.data() + layout.ln_f_weight, params.data() + layout.ln_f_bias,
+                           static_cast<float>(cfg.layer_norm_epsilon), out, mean, rstd);
+  }
+
   // Runs the blocks over x0 (already embedded) for (B, T) with the given lengths, leaving
   // the final hidden states in lnf. kv (may be nullptr): per-layer caches to prefill.
   void run_blocks(int64_t B, int64_t T, const int32_t* lengths, float* kv, int64_t cache_T) {
     const int64_t N = B * T, c = C(), H = cfg.n_head;
-    const float eps = static_cast<float>(cfg.layer_norm_epsilon);
     const float* x = x0;
     for (int64_t l = 0; l < cfg.n_layer; ++l) {
-      const BlockOffsets& o = layout.blocks[l];
-      BlockActs& a = blocks[l];
-      const float* P = params.data();
-      cpu::layernorm_forward(N, c, x, P + o.ln_1_weight, P + o.ln_1_bias, eps, a.ln1, a.mean1, a.rstd1);
-      linear_forward(N, c, 3 * c, a.ln1, P + o.attn_weight, P + o.attn_bias, a.qkv);
-      if (kv) {
-        float* k_cache = kv + 2 * l * B * cache_T * c;
-        cpu::kv_cache_store(B, T, c, lengths, a.qkv, cache_T, k_cache, k_cache + B * cache_T * c);
-      }
-      cpu::attention_forward(B, T, c, H, lengths, a.qkv, a.att, a.atty);
-      linear_forward(N, c, c, a.atty, P + o.attn_proj_weight, P + o.attn_proj_bias, a.x2);
-      cpu::add(N * c, a.x2, x, a.x2);
-      cpu::layernorm_forward(N, c, a.x2, P + o.ln_2_weight, P + o.ln_2_bias, eps, a.ln2, a.mean2, a.rstd2);
-      linear_forward(N, c, 4 * c, a.ln2, P + o.fc_weight, P + o.fc_bias, a.fch);
-      cpu::gelu_forward(N * 4 * c, a.fch, a.fchg);
-      linear_forward(N, 4 * c, c, a.fchg, P + o.fc_proj_weight, P + o.fc_proj_bias, a.x3);
-      cpu::add(N * c, a.x3, a.x2, a.x3);
+      const BlockActs& a = blocks[l];
+      block_forward(l, N, x, a, [&](const float* qkv, float* atty) {
+        if (kv) {
+          float* k_cache = kv + 2 * l * B * cache_T * c;
+          cpu::kv_cache_store(B, T, c, lengths, qkv, cache_T, k_cache, k_cache + B * cache_T * c);
+        }
+        cpu::attention_forward(B, T, c, H, lengths, qkv, a.att, atty);
+      });
       x = a.x3;
     }
-    cpu::layernorm_forward(N, c, x, params.data() + layout.ln_f_weight, params.data() + layout.ln_f_bias,
-                           eps, lnf, lnf_mean, lnf_rstd);
+    final_layernorm(N, x, lnf, lnf_mean, lnf_rstd);
+  }
+
+  // Position ids of a batch: t for the valid steps of each row, -1 for padding (embedded as
+  // zeros); and each row's length.
+  void row_positions(const TokenBatch& batch, std::vector<int32_t>& positions,
+                     std::vector<int32_t>& lengths) const {
+    const int64_t B = batch.batch, T = batch.steps;
+    positions.resize(static_cast<size_t>(B * T));
+    lengths.resize(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      lengths[b] = static_cast<int32_t>(length_of(batch, b));
+      for (int64_t t = 0; t < T; ++t) positions[b * T + t] = t < lengths[b] ? static_cast<int32_t>(t) : -1;
+    }
   }
 
   // Log-probs (and entropy) of `tokens` [K] under the rows of logits [K, V].
@@ -313,14 +326,8 @@ struct Model::Impl {
     }
     const int64_t K = static_cast<int64_t>(targets.size());
 
-    // Position ids: t for valid rows, -1 for padding (embedded as zeros).
-    std::vector<int32_t> positions(static_cast<size_t>(N));
-    std::vector<int32_t> lengths(static_cast<size_t>(B));
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t n = length_of(batch, b);
-      lengths[b] = static_cast<int32_t>(n);
-      for (int64_t t = 0; t < T; ++t) positions[b * T + t] = t < n ? static_cast<int32_t>(t) : -1;
-    }
+    std::vector<int32_t> positions, lengths;
+    row_positions(batch, positions, lengths);
 
     has_retained = false;  // validation passed: the arena is about to be reused
     prepare_arena(B, T, req.retain);
@@ -619,11 +626,8 @@ struct Model::Impl {
     kv_cache.assign(static_cast<size_t>(2 * L * B * cache_T * c), 0.0f);
 
     // Prefill: the prompts through the blocks, k and v into the cache.
-    std::vector<int32_t> positions(static_cast<size_t>(B * T)), lengths(static_cast<size_t>(B));
-    for (int64_t b = 0; b < B; ++b) {
-      lengths[b] = static_cast<int32_t>(length_of(prompts, b));
-      for (int64_t t = 0; t < T; ++t) positions[b * T + t] = t < lengths[b] ? static_cast<int32_t>(t) : -1;
-    }
+    std::vector<int32_t> positions, lengths;
+    row_positions(prompts, positions, lengths);
     prepare_arena(B, T, false);
     const float* P = params.data();
     cpu::embedding_forward(B * T, c, prompts.tokens, positions.data(), P + layout.wte, P + layout.wpe, x0);
@@ -653,11 +657,14 @@ struct Model::Impl {
     std::vector<int32_t> next(static_cast<size_t>(B)), cur_pos(static_cast<size_t>(B));
     std::vector<uint8_t> active(static_cast<size_t>(B), 1);
 
-    // Decode-step buffers, [B, *].
-    std::vector<float> x(static_cast<size_t>(B * c)), ln(static_cast<size_t>(B * c)), mean(B), rstd(B),
-        qkv(static_cast<size_t>(B * 3 * c)), atty(static_cast<size_t>(B * c)), x2(static_cast<size_t>(B * c)),
-        fch(static_cast<size_t>(B * 4 * c)), proj(static_cast<size_t>(B * c));
-    const float eps = static_cast<float>(cfg.layer_norm_epsilon);
+    // A decoding step's activations: one block's worth for B rows, shared by the blocks
+    // (as in an unretained forward), then the final LayerNorm's statistics.
+    std::vector<float> step_buffer(static_cast<size_t>(B * c + block_floats(B, 1, false) + 2 * B));
+    float* step_x = step_buffer.data();
+    float* carve_from = step_x + B * c;
+    const BlockActs step = carve_block(carve_from, B, 1, false);
+    float* step_mean = carve_from;
+    float* step_rstd = carve_from + B;
 
     for (int64_t s = 0; s < o.max_new_tokens; ++s) {
       // Logits of every active row, then sample.
@@ -666,16 +673,24 @@ struct Model::Impl {
       for (int64_t b = 0; b < B; ++b) {
         if (!active[b]) continue;
         const float* row = logits.data() + b * Vv;
-        const float mx = row_max(row, Vv);
-        require(std::isfinite(mx), ErrorCode::NonFinite,
-                "the model produced non-finite logits while generating (row " + std::to_string(b) + ")",
-                "params");
-        const double lse = row_logsumexp(row, Vv, mx);
         std::memcpy(work.data(), row, sizeof(float) * Vv);
-        const int32_t tok = sample_token(work.data(), Vv, sp, penalized[b].data(),
-                                         static_cast<int64_t>(penalized[b].size()), rngs[b], scratch.data());
+        int32_t tok = 0;
+        try {
+          tok = sample_token(work.data(), Vv, sp, penalized[b].data(), static_cast<int64_t>(penalized[b].size()),
+                             rngs[b], scratch.data());
+        } catch (const Error& e) {
+          // NaN, +inf or all -inf in the row: the model's own output, so its parameters.
+          if (e.code() != ErrorCode::NonFinite || e.argument() != "logits") throw;
+          throw Error(ErrorCode::NonFinite,
+                      "the model produced non-finite logits while generating (row " + std::to_string(b) +
+                          "): " + e.what(),
+                      "params");
+        }
+        // Its log-prob under the model's own distribution (the raw row, temperature 1).
+        float logprob = 0.0f;
+        head_logprobs(1, row, &tok, &logprob, nullptr);
         out.tokens[b * o.max_new_tokens + s] = tok;
-        out.logprobs[b * o.max_new_tokens + s] = static_cast<float>(row[tok] - lse);
+        out.logprobs[b * o.max_new_tokens + s] = logprob;
         out.lengths[b] = static_cast<int32_t>(s + 1);
         penalized[b].push_back(tok);
         if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), tok) != o.stop_tokens.end()) {
@@ -690,26 +705,16 @@ struct Model::Impl {
 
       // One decoding step: each active row's new token at position length + s.
       for (int64_t b = 0; b < B; ++b) cur_pos[b] = active[b] ? static_cast<int32_t>(lengths[b] + s) : -1;
-      cpu::embedding_forward(B, c, next.data(), cur_pos.data(), P + layout.wte, P + layout.wpe, x.data());
+      cpu::embedding_forward(B, c, next.data(), cur_pos.data(), P + layout.wte, P + layout.wpe, step_x);
+      const float* x = step_x;
       for (int64_t l = 0; l < L; ++l) {
-        const BlockOffsets& ob = layout.blocks[l];
         float* k_cache = kv_cache.data() + 2 * l * B * cache_T * c;
-        cpu::layernorm_forward(B, c, x.data(), P + ob.ln_1_weight, P + ob.ln_1_bias, eps, ln.data(), mean.data(),
-                               rstd.data());
-        linear_forward(B, c, 3 * c, ln.data(), P + ob.attn_weight, P + ob.attn_bias, qkv.data());
-        cpu::attention_decode(B, c, H, cur_pos.data(), qkv.data(), cache_T, k_cache, k_cache + B * cache_T * c,
-                              atty.data());
-        linear_forward(B, c, c, atty.data(), P + ob.attn_proj_weight, P + ob.attn_proj_bias, proj.data());
-        cpu::add(B * c, x.data(), proj.data(), x2.data());
-        cpu::layernorm_forward(B, c, x2.data(), P + ob.ln_2_weight, P + ob.ln_2_bias, eps, ln.data(), mean.data(),
-                               rstd.data());
-        linear_forward(B, c, 4 * c, ln.data(), P + ob.fc_weight, P + ob.fc_bias, fch.data());
-        cpu::gelu_forward(B * 4 * c, fch.data(), fch.data());
-        linear_forward(B, 4 * c, c, fch.data(), P + ob.fc_proj_weight, P + ob.fc_proj_bias, proj.data());
-        cpu::add(B * c, x2.data(), proj.data(), x.data());
+        block_forward(l, B, x, step, [&](const float* qkv, float* atty) {
+          cpu::attention_decode(B, c, H, cur_pos.data(), qkv, cache_T, k_cache, k_cache + B * cache_T * c, atty);
+        });
+        x = step.x3;
       }
-      cpu::layernorm_forward(B, c, x.data(), P + layout.ln_f_weight, P + layout.ln_f_bias, eps, hidden.data(),
-                             mean.data(), rstd.data());
+      final_layernorm(B, x, hidden.data(), step_mean, step_rstd);
     }
     return out;
   }
