@@ -92,3 +92,7 @@ export function invalidArgument(argument: string, message: string): PpoMaxError 
 export function shapeMismatch(argument: string, message: string): PpoMaxError {
   return new PpoMaxError('ERR_SHAPE_MISMATCH', message, argument);
 }
+
+export function outOfRange(argument: string, message: string): PpoMaxError {
+  return new PpoMaxError('ERR_OUT_OF_RANGE', message, argument);
+}

@@ -12,9 +12,9 @@
  * the method is called: the caller may reuse its arrays at once.
  */
 import { Device } from './device';
-import { ErrorCode, PpoMaxError, fromNative, invalidArgument, shapeMismatch } from './errors';
+import { ErrorCode, PpoMaxError, fromNative, invalidArgument, outOfRange, shapeMismatch } from './errors';
 import { NativeModelConfig, NativeModelHandle, NativeModelMemory, NativeNewModel, native } from './native';
-import { booleanOption, float32, numberOption, objectArgument, positiveInteger } from './validate';
+import { booleanOption, describe, float32, isArrayLike, numberOption, objectArgument, positiveInteger } from './validate';
 
 // ---- public types ---------------------------------------------------------------------------
 
@@ -201,28 +201,6 @@ const MODEL_ARGUMENT_NAMES: Record<string, string> = {
   weight_decay: 'weightDecay',
   max_grad_norm: 'maxGradNorm',
 };
-
-function outOfRange(argument: string, message: string): PpoMaxError {
-  return new PpoMaxError('ERR_OUT_OF_RANGE', message, argument);
-}
-
-function describe(value: unknown): string {
-  if (typeof value === 'number') return String(value);
-  if (ArrayBuffer.isView(value)) return value.constructor.name;
-  if (Array.isArray(value)) return `an array of length ${value.length}`;
-  if (value === null) return 'null';
-  if (typeof value === 'string') return JSON.stringify(value);
-  return typeof value;
-}
-
-function isArrayLike(value: unknown): value is ArrayLike<unknown> {
-  return (
-    value !== null &&
-    typeof value === 'object' &&
-    !(value instanceof DataView) &&
-    typeof (value as { length?: unknown }).length === 'number'
-  );
-}
 
 /**
  * The one rule for where the engine runs: this release's transformer engine is

@@ -4,7 +4,7 @@
  * other than 0/1 are checked natively, before the kernel runs, with the same kind of
  * error naming the argument.)
  */
-import { PpoMaxError, invalidArgument, shapeMismatch } from './errors';
+import { invalidArgument, outOfRange, shapeMismatch } from './errors';
 
 /** Numbers that ops accept where a Float32Array is expected (others are copied in). */
 export type FloatArray = Float32Array | Float64Array | ArrayLike<number>;
@@ -32,14 +32,16 @@ export function positiveInteger(name: string, value: unknown): number {
   return value;
 }
 
-function describe(value: unknown): string {
+/** A value as error messages show it: a number, a type, an array's length. */
+export function describe(value: unknown): string {
   if (typeof value === 'number') return String(value);
   if (ArrayBuffer.isView(value)) return value.constructor.name;
   if (Array.isArray(value)) return `an array of length ${value.length}`;
   return value === null ? 'null' : typeof value === 'string' ? JSON.stringify(value) : typeof value;
 }
 
-function isArrayLike(value: unknown): value is ArrayLike<unknown> {
+/** Typed arrays (not DataView), arrays and other objects with a numeric length. */
+export function isArrayLike(value: unknown): value is ArrayLike<unknown> {
   return (
     (ArrayBuffer.isView(value) && !(value instanceof DataView)) ||
     Array.isArray(value) ||
@@ -119,10 +121,9 @@ export function sequenceMask(shape: SequenceShape): Float32Array | null {
         throw invalidArgument('lengths', `lengths[${b}] must be a number, got ${describe(n)}`);
       }
       if (!Number.isInteger(n) || n < 0 || n > steps) {
-        throw new PpoMaxError(
-          'ERR_OUT_OF_RANGE',
-          `lengths[${b}] is ${describe(lengths[b])}: each length must be an integer in [0, steps=${steps}]`,
+        throw outOfRange(
           'lengths',
+          `lengths[${b}] is ${describe(lengths[b])}: each length must be an integer in [0, steps=${steps}]`,
         );
       }
       mask.fill(1, b * steps, b * steps + n);
