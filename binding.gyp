@@ -23,11 +23,15 @@
         "csrc/model/gpt.cpp",
         "csrc/model/params.cpp",
         "csrc/model/sampling.cpp",
+        "csrc/trainer/common.cpp",
+        "csrc/trainer/ppo.cpp",
+        "csrc/trainer/supervised.cpp",
         "csrc/core/cuda_absent.cpp",
         "csrc/addon/addon.cpp",
         "csrc/addon/convert.cpp",
         "csrc/addon/model_bindings.cpp",
-        "csrc/addon/ops_bindings.cpp"
+        "csrc/addon/ops_bindings.cpp",
+        "csrc/addon/trainer_bindings.cpp"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",

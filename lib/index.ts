@@ -30,3 +30,23 @@ export type {
   GenerateResult,
   ModelMemory,
 } from './model';
+export { PpoTrainer, SftTrainer, RewardModelTrainer, scoreSequences, estimatePpoMemory } from './trainers';
+export type {
+  Experience,
+  RewardSample,
+  RewardFunction,
+  Stats,
+  ProgressOptions,
+  PromptResponse,
+  PpoTrainerArgs,
+  PpoStepResult,
+  CriticPretrainResult,
+  SftOptions,
+  PreferencePair,
+  RewardModelOptions,
+  TrainerMemoryEstimate,
+} from './trainers';
+export { ppoMax, vanilla, ppoPtx, resolvePpoOptions } from './ppo-options';
+export type { PpoOptions, OptimizerOptions, LrSchedule, KlEstimator, ResolvedPpoOptions } from './ppo-options';
+export { AlarmMonitor } from './monitor';
+export type { Alarm, AlarmKind, AlarmThresholds } from './monitor';

@@ -281,7 +281,8 @@ function seedOption(value: unknown): number {
 }
 
 /** A batch as the addon takes it: copied, padded positions made valid int32 values. */
-interface Batch {
+/** @internal A checked batch (trainers use it too). */
+export interface Batch {
   batch: number;
   steps: number;
   tokens: Int32Array;
@@ -310,7 +311,8 @@ function paddingValue(x: unknown): number {
   return typeof x === 'number' && Number.isInteger(x) && x >= -2147483648 && x <= MAX_INT32 ? x : 0;
 }
 
-function prepareBatch(input: unknown, vocab: number, nPositions: number, what: string): Batch {
+/** @internal */
+export function prepareBatch(input: unknown, vocab: number, nPositions: number, what: string): Batch {
   if (Array.isArray(input)) return batchFromSequences(input, vocab, nPositions, what);
   if (ArrayBuffer.isView(input) || input === null || typeof input !== 'object') {
     throw invalidArgument(
@@ -468,7 +470,8 @@ interface ForwardFlags {
 }
 
 /** An error thrown by the user's own callback: rejected as is, not wrapped. */
-class UserError {
+/** @internal An error thrown by a user callback, rethrown as is. */
+export class UserError {
   constructor(readonly error: unknown) {}
 }
 
@@ -838,6 +841,44 @@ export class Model {
   }
 
   // ---- internals ----------------------------------------------------------------------------
+
+  /**
+   * @internal Runs `run` with the native handles of several models (a trainer's call)
+   * once the calls already queued on each have settled; later calls on any of them wait
+   * for it. `prepare` runs now (validation, copies), as in schedule().
+   */
+  static exclusive<R>(
+    models: readonly Model[],
+    callSite: Error,
+    argumentNames: Record<string, string>,
+    prepare: () => (handles: NativeModelHandle[]) => Promise<R>,
+  ): Promise<R> {
+    let run: (handles: NativeModelHandle[]) => Promise<R>;
+    try {
+      if (models.some((m) => m.closing)) throw disposedError();
+      run = prepare();
+    } catch (e) {
+      return Promise.reject(fromNative(e, callSite, argumentNames));
+    }
+    for (const m of models) m.retained = null;  // the trainer's forwards replace any retained one
+    const result = Promise.all(models.map((m) => m.tail)).then(async () => {
+      try {
+        const handles = models.map((m) => m.handle);
+        if (handles.some((h) => h === null)) throw disposedError();
+        return await run(handles as NativeModelHandle[]);
+      } catch (e) {
+        if (e instanceof UserError) throw e.error;
+        throw fromNative(e, callSite, argumentNames);
+      }
+    });
+    for (const m of models) m.tail = result.then(noop, noop);
+    return result;
+  }
+
+  /** @internal The native handle, for synchronous trainer setup (null once disposed). */
+  nativeHandle(): NativeModelHandle | null {
+    return this.closing ? null : this.handle;
+  }
 
   /**
    * Queues a call: `prepare` runs now (validation and copies, in call order; a throw

@@ -100,6 +100,63 @@ export interface NativeAddon {
   ) => Promise<NativeGenerateResult>;
   modelMemory: (handle: NativeModelHandle) => NativeModelMemory;
   modelDispose: (handle: NativeModelHandle) => Promise<void>;
+  // ---- trainers (csrc/addon/trainer_bindings.cpp; lib/trainers.ts is the only caller) ----
+  ppoTrainerCreate: (args: object) => NativeTrainerHandle;
+  ppoTrainerSetOptions: (t: NativeTrainerHandle, options: object) => void;
+  ppoTrainerGetState: (t: NativeTrainerHandle) => NativePpoState;
+  ppoTrainerSetState: (t: NativeTrainerHandle, state: NativePpoState) => void;
+  ppoTrainerSetPtx: (t: NativeTrainerHandle, data: object) => void;
+  ppoTrainerRollout: (t: NativeTrainerHandle, prompts: object, onProgress?: NativeStageProgress) => Promise<NativeTrainerResult>;
+  ppoTrainerScore: (t: NativeTrainerHandle, experience: object) => Promise<NativeTrainerResult>;
+  ppoTrainerShape: (t: NativeTrainerHandle, experience: object, options: object) => Promise<NativeTrainerResult>;
+  ppoTrainerUpdate: (t: NativeTrainerHandle, experience: object, onProgress?: NativeStageProgress) => Promise<NativeTrainerResult>;
+  ppoTrainerStep: (t: NativeTrainerHandle, prompts: object, onProgress?: NativeStageProgress) => Promise<NativeTrainerResult>;
+  ppoTrainerStepWithScores: (
+    t: NativeTrainerHandle,
+    experience: object,
+    options: object,
+    onProgress?: NativeStageProgress,
+  ) => Promise<NativeTrainerResult>;
+  ppoTrainerPretrainCritic: (
+    t: NativeTrainerHandle,
+    experience: object,
+    passes: number,
+    onProgress?: NativeStageProgress,
+  ) => Promise<NativeTrainerResult>;
+  sftStep: (m: NativeModelHandle, batch: object, options: object) => Promise<Record<string, number>>;
+  lmEval: (m: NativeModelHandle, batch: object, options: object) => Promise<Record<string, number>>;
+  rewardModelStep: (m: NativeModelHandle, pairs: object, options: object) => Promise<Record<string, number>>;
+  rewardModelEval: (
+    m: NativeModelHandle,
+    pairs: object,
+    options: object,
+  ) => Promise<{ stats: Record<string, number>; chosenScores: Float32Array; rejectedScores: Float32Array }>;
+  scoreSequences: (m: NativeModelHandle, batch: object, options: object) => Promise<Float32Array>;
+  modelSaveOptimizer: (m: NativeModelHandle, args: { path: string }) => Promise<{ steps: number }>;
+  modelLoadOptimizer: (m: NativeModelHandle, args: { path: string; steps: number }) => Promise<void>;
+  estimateModelMemory: (args: object) => NativeModelMemory;
+}
+
+/** An opaque handle to a native PPO trainer. */
+export interface NativeTrainerHandle {
+  readonly __ppoMaxTrainerHandle: never;
+}
+
+export interface NativePpoState {
+  count: number;
+  mean: number;
+  m2: number;
+  klCoef: number;
+  rollouts: number;
+  updates: number;
+  criticPretrainSteps: number;
+}
+
+export type NativeStageProgress = (done: number, total: number, stage?: string) => void;
+
+export interface NativeTrainerResult {
+  stats?: Record<string, number>;
+  experience?: Record<string, unknown>;
 }
 
 /** The directory holding ppo-max's package.json (works from lib/ and dist/lib/). */

@@ -4,6 +4,7 @@
 
 #include "addon/convert.h"
 #include "addon/model_bindings.h"
+#include "addon/trainer_bindings.h"
 #include "addon/ops_bindings.h"
 #include "core/backend.h"
 #include "core/thread_pool.h"
@@ -34,6 +35,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
   register_ops(env, exports);
   register_model(env, exports);
+  register_trainers(env, exports);
   return exports;
 }
 

@@ -741,6 +741,33 @@ std::vector<SafetensorsTensor> read_safetensors_header(const std::string& path) 
   });
 }
 
+std::vector<float> read_safetensors_f32(const std::string& path, const std::string& name,
+                                        const std::vector<int64_t>& shape) {
+  return oom_as_error(path, [&] {
+    uint64_t size = 0;
+    File f = open_for_reading(path, size);
+    const HeaderInfo h = parse_header(f.get(), size, path);
+    for (const SafetensorsTensor& t : h.tensors) {
+      if (t.name != name) continue;
+      require(t.dtype == "F32", ErrorCode::InvalidArgument,
+              path + ": tensor " + name + " is " + t.dtype + ", expected F32", name);
+      require(t.shape == shape, ErrorCode::ShapeMismatch,
+              path + ": tensor " + name + " has shape " + shape_string(t.shape) + ", expected " +
+                  shape_string(shape),
+              name);
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      std::vector<float> out(static_cast<size_t>(n));
+      read_exact(f.get(), out.data(), t.end - t.begin, h.data_start + t.begin, path);
+      for (int64_t i = 0; i < n; ++i)
+        require(std::isfinite(out[i]), ErrorCode::NonFinite,
+                path + ": tensor " + name + " holds NaN or infinity at " + std::to_string(i), name);
+      return out;
+    }
+    throw Error(ErrorCode::InvalidArgument, path + ": no tensor named " + name, name);
+  });
+}
+
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors) {
   oom_as_error(path, [&] {
     std::vector<WriteEntry> entries;

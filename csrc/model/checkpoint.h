@@ -53,6 +53,11 @@ struct SafetensorsTensor {
 // JSON, offsets that tile the data section within the file size). Throws as above.
 std::vector<SafetensorsTensor> read_safetensors_header(const std::string& path);
 
+// Reads the F32 tensor `name` of a .safetensors file, which must have exactly `shape`
+// (other dtypes, shapes, a missing name, NaN -> errors as above).
+std::vector<float> read_safetensors_f32(const std::string& path, const std::string& name,
+                                        const std::vector<int64_t>& shape);
+
 // Writes named float32 tensors atomically (temporary file + rename).
 struct TensorToWrite {
   std::string name;

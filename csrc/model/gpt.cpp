@@ -789,6 +789,51 @@ void Model::zero_grad() {
 double Model::grad_norm() const { return impl_->grad_norm(); }
 StepResult Model::step(const AdamWOptions& options) { return impl_->step(options); }
 int64_t Model::optimizer_steps() const { return impl_->adam_steps; }
+const float* Model::optimizer_m() const { return impl_->adam_m.empty() ? nullptr : impl_->adam_m.data(); }
+const float* Model::optimizer_v() const { return impl_->adam_v.empty() ? nullptr : impl_->adam_v.data(); }
+
+void Model::set_optimizer_state(const float* m, const float* v, int64_t steps) {
+  require(impl_->options.trainable, ErrorCode::InvalidArgument,
+          "set_optimizer_state: this model is frozen (trainable: false)", "model");
+  require(steps >= 0, ErrorCode::InvalidArgument, "optimizer steps must be >= 0", "steps");
+  require((m == nullptr) == (v == nullptr), ErrorCode::InvalidArgument,
+          "set_optimizer_state: give both moments or neither", "optimizer");
+  const int64_t n = impl_->layout.total;
+  if (m == nullptr) {
+    impl_->adam_m.clear();
+    impl_->adam_v.clear();
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      require(std::isfinite(m[i]) && std::isfinite(v[i]) && v[i] >= 0.0f, ErrorCode::NonFinite,
+              "optimizer state: moment " + std::to_string(i) + " is not finite (or v < 0)", "optimizer");
+    }
+    impl_->adam_m.assign(m, m + n);
+    impl_->adam_v.assign(v, v + n);
+  }
+  impl_->adam_steps = steps;
+}
+
+Model::Memory Model::estimate_memory(const ModelConfig& config, bool trainable, int64_t batch, int64_t steps,
+                                     int64_t generate_batch, int64_t generate_steps) {
+  const int64_t f = sizeof(float);
+  const int64_t P = parameter_layout(config).total;
+  const int64_t c = config.n_embd, L = config.n_layer, Vv = config.vocab_size, H = config.n_head;
+  auto block = [&](int64_t B, int64_t T, bool att) {
+    const int64_t N = B * T;
+    return N * (c + 3 * c + c + c + c + 4 * c + 4 * c + c) + 4 * N + (att ? B * H * T * T : 0);
+  };
+  auto arena = [&](int64_t B, int64_t T, bool retain) {
+    const int64_t N = B * T;
+    return N * c + (retain ? L : 1) * block(B, T, retain) + N * c + 2 * N;
+  };
+  int64_t acts = std::max(arena(batch, steps, trainable), arena(generate_batch, generate_steps, false));
+  const int64_t N = batch * steps;
+  const int64_t chunk = std::min<int64_t>(kHeadChunk, std::max<int64_t>(N, 1));
+  acts += chunk * Vv + 2 * chunk * c;  // the LM head's chunk scratch
+  if (trainable) acts += N * Vv + N * c * (1 + 1 + 4 + 4 + 3 + 1);  // retained head logits, backward scratch
+  return {P * f, trainable ? P * f : 0, trainable ? 2 * P * f : 0, acts * f,
+          2 * L * generate_batch * generate_steps * c * f};
+}
 GenerateResult Model::generate(const TokenBatch& prompts, const GenerateOptions& options) {
   return impl_->generate(prompts, options);
 }

@@ -166,12 +166,23 @@ class Model {
   // Optionally clips the gradients to max_grad_norm, then one AdamW step.
   StepResult step(const AdamWOptions& options);
   int64_t optimizer_steps() const;
+  // The AdamW moments ([parameter_count] each; nullptr before the first step).
+  const float* optimizer_m() const;
+  const float* optimizer_v() const;
+  // Replaces the optimizer state (resuming a run): m and v of [parameter_count] floats
+  // (both nullptr: no moments, as before a first step) and the steps taken so far.
+  void set_optimizer_state(const float* m, const float* v, int64_t steps);
 
   GenerateResult generate(const TokenBatch& prompts, const GenerateOptions& options);
 
   // Bytes held: parameters, gradients, optimizer moments, activations, KV cache.
   struct Memory { int64_t params, grads, optimizer, activations, kv_cache; };
   Memory memory() const;
+  // What a model of `config` will hold when it trains on batches of up to
+  // [batch, steps] (retained forward and backward when trainable) and generates
+  // [generate_batch] rows of up to generate_steps positions: before allocating anything.
+  static Memory estimate_memory(const ModelConfig& config, bool trainable, int64_t batch, int64_t steps,
+                                int64_t generate_batch, int64_t generate_steps);
 
  private:
   struct Impl;
