@@ -577,6 +577,20 @@ export class Model {
     });
   }
 
+  /**
+   * A new model with a copy of this one's parameters (config included), trainable or
+   * frozen; no gradients or optimizer state are copied. The reference of PPO is a frozen
+   * clone of the SFT policy; PPO-max's critic a trainable clone of the reward model.
+   */
+  clone(options: { trainable?: boolean } = {}): Promise<Model> {
+    const callSite = new Error();
+    let trainable = true;
+    return this.schedule(callSite, () => {
+      trainable = booleanOption('trainable', objectArgument('options', options).trainable, true);
+      return (handle) => native().modelClone(handle, { trainable });
+    }).then((made) => new Model(made, trainable));
+  }
+
   /** A forward pass computing the outputs asked for (see ForwardOptions for alignment). */
   async forward(batch: TokenBatchInput, options: ForwardOptions = {}): Promise<ForwardResult> {
     return this.forwardCall(new Error(), batch, () => ({ options }));

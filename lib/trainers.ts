@@ -220,10 +220,10 @@ function gib(bytes: number): string {
 export interface PpoTrainerArgs {
   /** Trainable, initialized from the SFT model. */
   policy: Model;
-  /** The SFT model, frozen (create or load it with trainable: false). */
-  reference: Model;
-  /** Trainable with a value head; PPO-max initializes it from the reward model. */
-  critic: Model;
+  /** The SFT model, frozen. Default: a frozen clone of the policy as it is now. */
+  reference?: Model;
+  /** Trainable with a value head. Default: a trainable clone of rewardModel (PPO-max's init). */
+  critic?: Model;
   /** A frozen model with a value head whose last-token value is the reward... */
   rewardModel?: Model;
   /** ...or a JavaScript reward function (token ids or texts in, one score per sample out). */
@@ -308,7 +308,13 @@ export class PpoTrainer extends EventEmitter {
   static async create(args: PpoTrainerArgs): Promise<PpoTrainer> {
     const callSite = new Error();
     try {
-      const a = objectArgument('args', args) as unknown as PpoTrainerArgs;
+      const a = { ...(objectArgument('args', args) as unknown as PpoTrainerArgs) };
+      if (!(a.policy instanceof Model)) throw invalidArgument('policy', `policy must be a Model, got ${describe(a.policy)}`);
+      if (a.reference === undefined) a.reference = await a.policy.clone({ trainable: false });
+      if (a.critic === undefined) {
+        if (!(a.rewardModel instanceof Model)) throw invalidArgument('critic', 'give a critic (a Model with a value head), or a rewardModel to initialize it from');
+        a.critic = await a.rewardModel.clone({ trainable: true });
+      }
       for (const key of ['policy', 'reference', 'critic'] as const) {
         if (!(a[key] instanceof Model)) throw invalidArgument(key, `${key} must be a Model, got ${describe(a[key])}`);
       }
@@ -347,7 +353,7 @@ export class PpoTrainer extends EventEmitter {
           'options',
         );
       }
-      const trainer = new PpoTrainer(a.policy, a.reference, a.critic, a.rewardModel ?? null, a.reward ?? null, a.decode ?? null, options, a);
+      const trainer = new PpoTrainer(a.policy, a.reference as Model, a.critic as Model, a.rewardModel ?? null, a.reward ?? null, a.decode ?? null, options, a);
       if (a.ptxData !== undefined) trainer.setPtxData(a.ptxData);
       return trainer;
     } catch (e) {

@@ -82,4 +82,13 @@ describe('README examples', () => {
     expect(logprobs[0]).toBe(0); // no prediction for the first token
     expect(logprobs[1]).toBeLessThan(0);
   }, 30000);
+
+  test('the trainers example type-checks and runs', async () => {
+    const logged = await typeCheckAndRun(example('## The trainers (SFT, reward model, PPO-max)'));
+    expect(logged.length).toBe(1);
+    const [reward, kl, policyLoss, valueLoss] = logged[0] as number[];
+    expect(reward).toBeGreaterThanOrEqual(0);
+    expect(reward).toBeLessThanOrEqual(1);
+    for (const x of [kl, policyLoss, valueLoss]) expect(Number.isFinite(x)).toBe(true);
+  }, 30000);
 });

@@ -173,7 +173,15 @@ describe('PPO end to end on a toy task (reward: the share of token 3)', () => {
     const skipped = await trainer.update(bad);
     expect(skipped.skipped).toBe(1);
     expect(Array.from((await policy.logprobs([[1, 2, 3, 4]])).logprobs)).toEqual(Array.from(before.logprobs));
-    await Promise.all([policy, reference, critic, rewardModel].map((m) => m.dispose()));
+    // defaults: the reference a frozen clone of the policy, the critic a trainable clone of the reward model
+    const defaults = await PpoTrainer.create({ policy, rewardModel, options: toyOptions(ppoMax), progressBar: false });
+    expect(defaults.reference.trainable).toBe(false);
+    expect(defaults.critic.trainable).toBe(true);
+    const probe = [[1, 2, 3, 4]];
+    expect(Array.from((await defaults.reference.logprobs(probe)).logprobs)).toEqual(Array.from((await policy.logprobs(probe)).logprobs));
+    expect(Array.from(await defaults.critic.values(probe))).toEqual(Array.from(await rewardModel.values(probe)));
+    await expectRejects(() => PpoTrainer.create({ policy, reward: () => [0] }), { code: 'ERR_INVALID_ARGUMENT', argument: 'critic' });
+    await Promise.all([policy, reference, critic, rewardModel, defaults.reference, defaults.critic].map((m) => m.dispose()));
   });
 
   test('save and resume continue exactly as the uninterrupted run', async () => {

@@ -114,6 +114,25 @@ Napi::Value ModelLoad(const Napi::CallbackInfo& info) {
       [state](Napi::Env env) { return describe_new_model(env, state); });
 }
 
+// modelClone(handle, {trainable}) -> Promise<{handle, config, parameterCount}>: a new model
+// with a copy of the parameters (no gradients, no optimizer state).
+Napi::Value ModelClone(const Napi::CallbackInfo& info) {
+  Lease lease(unwrap(info));
+  Args a(info.Length() > 1 ? info[1] : info.Env().Undefined());
+  model::ModelOptions options;
+  options.trainable = a.flag("trainable", true);
+  Model* source = lease.model();
+  auto state = std::make_shared<ModelState>();
+  return start(
+      info.Env(), std::move(lease), KeepAlive(),
+      [state, source, options](const ModelWorker::Report&) {
+        std::vector<float> params(source->params(), source->params() + source->parameter_count());
+        state->model = std::make_shared<Model>(source->config(), std::move(params), options);
+        snapshot_memory(*state, state->model.get());
+      },
+      [state](Napi::Env env) { return describe_new_model(env, state); });
+}
+
 // modelSave(handle, {dir}) -> Promise<undefined>
 Napi::Value ModelSave(const Napi::CallbackInfo& info) {
   Lease lease(unwrap(info));
@@ -421,6 +440,7 @@ void register_model(Napi::Env env, Napi::Object exports) {
   exports.Set("modelCreate", Napi::Function::New(env, guarded<ModelCreate>));
   exports.Set("modelLoad", Napi::Function::New(env, guarded<ModelLoad>));
   exports.Set("modelSave", Napi::Function::New(env, guarded<ModelSave>));
+  exports.Set("modelClone", Napi::Function::New(env, guarded<ModelClone>));
   exports.Set("modelForward", Napi::Function::New(env, guarded<ModelForward>));
   exports.Set("modelBackward", Napi::Function::New(env, guarded<ModelBackward>));
   exports.Set("modelZeroGrad", Napi::Function::New(env, guarded<ModelZeroGrad>));
