@@ -187,7 +187,7 @@ function nonNegativeInteger(name: string, value: unknown, fallback: number): num
 
 function positiveInt(name: string, value: unknown, fallback: number): number {
   const x = nonNegativeInteger(name, value, fallback);
-  if (x < 1) throw outOfRange(name, `${name} must be >= 1, got ${x}`);
+  if (x < 1) throw invalidArgument(name, `${name} must be >= 1, got ${x}`);
   return x;
 }
 
@@ -212,8 +212,8 @@ export function resolveOptimizer(name: string, value: unknown, fallback?: Optimi
   const lr = numberOption(`${name}.lr`, o.lr, 0, { min: 0 });
   const beta1 = numberOption(`${name}.beta1`, o.beta1, 0.9, { min: 0 });
   const beta2 = numberOption(`${name}.beta2`, o.beta2, 0.95, { min: 0 });
-  if (beta1 >= 1) throw outOfRange(`${name}.beta1`, `${name}.beta1 must be in [0, 1), got ${beta1}`);
-  if (beta2 >= 1) throw outOfRange(`${name}.beta2`, `${name}.beta2 must be in [0, 1), got ${beta2}`);
+  if (beta1 >= 1) throw invalidArgument(`${name}.beta1`, `${name}.beta1 must be in [0, 1), got ${beta1}`);
+  if (beta2 >= 1) throw invalidArgument(`${name}.beta2`, `${name}.beta2 must be in [0, 1), got ${beta2}`);
   const eps = numberOption(`${name}.eps`, o.eps, 1e-8, { min: 0, minExclusive: true });
   const weightDecay = numberOption(`${name}.weightDecay`, o.weightDecay, 0, { min: 0 });
   const schedule = choiceOption(`${name}.schedule`, o.schedule, ['constant', 'warmupInverseSqrt', 'warmupLinearDecay'] as const, 'constant');
@@ -301,7 +301,7 @@ export function resolvePpoOptions(value: unknown, vocabSize?: number): ResolvedP
   if (resolved.rewardNorm && resolved.rewardScaling) {
     throw invalidArgument('rewardScaling', 'rewardNorm and rewardScaling are alternatives: turn one off');
   }
-  if (resolved.seed > Number.MAX_SAFE_INTEGER) throw outOfRange('seed', 'seed must be below 2^53');
+  if (resolved.seed > Number.MAX_SAFE_INTEGER) throw invalidArgument('seed', 'seed must be below 2^53');
   return resolved;
 }
 

@@ -66,11 +66,11 @@ describe('options and presets', () => {
     expectThrows(() => resolvePpoOptions({ klCoeff: 0.1 }), { code: 'ERR_INVALID_ARGUMENT', argument: 'options.klCoeff', message: /no option 'klCoeff'/ });
     expectThrows(() => resolvePpoOptions({ klCoef: -1 }), { code: 'ERR_INVALID_ARGUMENT', argument: 'klCoef' });
     expectThrows(() => resolvePpoOptions({ topP: 1.5 }), { code: 'ERR_INVALID_ARGUMENT', argument: 'topP' });
-    expectThrows(() => resolvePpoOptions({ miniBatchSize: 0 }), { code: 'ERR_OUT_OF_RANGE', argument: 'miniBatchSize' });
+    expectThrows(() => resolvePpoOptions({ miniBatchSize: 0 }), { code: 'ERR_INVALID_ARGUMENT', argument: 'miniBatchSize' });
     expectThrows(() => resolvePpoOptions({ gamma: 1.1 }), { code: 'ERR_INVALID_ARGUMENT', argument: 'gamma' });
     expectThrows(() => resolvePpoOptions({ klEstimator: 'k4' }), { code: 'ERR_INVALID_ARGUMENT', argument: 'klEstimator' });
     expectThrows(() => resolvePpoOptions({ rewardScaling: true }), { code: 'ERR_INVALID_ARGUMENT', argument: 'rewardScaling' });
-    expectThrows(() => resolvePpoOptions({ policyOptimizer: { lr: 1e-3, beta1: 1 } }), { code: 'ERR_OUT_OF_RANGE', argument: 'policyOptimizer.beta1' });
+    expectThrows(() => resolvePpoOptions({ policyOptimizer: { lr: 1e-3, beta1: 1 } }), { code: 'ERR_INVALID_ARGUMENT', argument: 'policyOptimizer.beta1' });
     expectThrows(() => resolvePpoOptions({ policyOptimizer: { lr: 1e-3, momentum: 0.9 } }), { code: 'ERR_INVALID_ARGUMENT', argument: 'policyOptimizer.momentum' });
     expectThrows(() => resolvePpoOptions({ stopTokens: [3, 99] }, 12), { code: 'ERR_OUT_OF_RANGE', argument: 'stopTokens' });
   });

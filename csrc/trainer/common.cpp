@@ -44,16 +44,16 @@ void check_optimizer(const OptimizerOptions& o, const std::string& what) {
   fail_unless(std::isfinite(o.beta1) && o.beta1 >= 0.0 && o.beta1 < 1.0, "beta1", "in [0, 1)", o.beta1);
   fail_unless(std::isfinite(o.beta2) && o.beta2 >= 0.0 && o.beta2 < 1.0, "beta2", "in [0, 1)", o.beta2);
   fail_unless(std::isfinite(o.eps) && o.eps > 0.0, "eps", "finite and > 0", o.eps);
-  fail_unless(std::isfinite(o.weight_decay) && o.weight_decay >= 0.0, "weight_decay", "finite and >= 0",
+  fail_unless(std::isfinite(o.weight_decay) && o.weight_decay >= 0.0, "weightDecay", "finite and >= 0",
               o.weight_decay);
-  fail_unless(std::isfinite(o.max_grad_norm) && o.max_grad_norm >= 0.0, "max_grad_norm", "finite and >= 0",
+  fail_unless(std::isfinite(o.max_grad_norm) && o.max_grad_norm >= 0.0, "maxGradNorm", "finite and >= 0",
               o.max_grad_norm);
   const bool known = o.schedule == Schedule::Constant || o.schedule == Schedule::WarmupInverseSqrt ||
                      o.schedule == Schedule::WarmupLinearDecay;
   require(known, ErrorCode::InvalidArgument, p + "schedule is not a known schedule", p + "schedule");
-  fail_unless(o.warmup_steps >= 0, "warmup_steps", ">= 0", static_cast<double>(o.warmup_steps));
+  fail_unless(o.warmup_steps >= 0, "warmupSteps", ">= 0", static_cast<double>(o.warmup_steps));
   if (o.schedule == Schedule::WarmupLinearDecay)
-    fail_unless(o.total_steps > o.warmup_steps, "total_steps", "> warmup_steps (" + std::to_string(o.warmup_steps) + ")",
+    fail_unless(o.total_steps > o.warmup_steps, "totalSteps", "> warmupSteps (" + std::to_string(o.warmup_steps) + ")",
                 static_cast<double>(o.total_steps));
 }
 

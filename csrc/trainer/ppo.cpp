@@ -126,18 +126,18 @@ void append(Stats& to, const Stats& from) { to.insert(to.end(), from.begin(), fr
 void check_ppo_options(const PpoOptions& o) {
   auto in_range = [](double v, double lo, double hi, const char* name, bool lo_open = false) {
     const bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) && v <= hi;
-    require(ok, ErrorCode::OutOfRange,
+    require(ok, ErrorCode::InvalidArgument,
             std::string(name) + " must be in " + (lo_open ? "(" : "[") + std::to_string(lo) + ", " +
                 std::to_string(hi) + "], got " + std::to_string(v),
             name);
   };
   const double big = 1e30;
-  require(o.max_new_tokens >= 1, ErrorCode::OutOfRange,
+  require(o.max_new_tokens >= 1, ErrorCode::InvalidArgument,
           "maxNewTokens must be >= 1, got " + std::to_string(o.max_new_tokens), "maxNewTokens");
   in_range(o.temperature, 0.0, big, "temperature", true);
   in_range(o.top_p, 0.0, 1.0, "topP", true);
   in_range(o.repetition_penalty, 0.0, big, "repetitionPenalty", true);
-  require(o.top_k >= 0, ErrorCode::OutOfRange, "topK must be >= 0", "topK");
+  require(o.top_k >= 0, ErrorCode::InvalidArgument, "topK must be >= 0", "topK");
   in_range(o.kl_coef, 0.0, big, "klCoef");
   in_range(o.kl_target, 0.0, big, "klTarget");
   in_range(o.kl_horizon, 0.0, big, "klHorizon", true);
@@ -153,11 +153,11 @@ void check_ppo_options(const PpoOptions& o) {
   in_range(o.entropy_coef, -big, big, "entropyCoef");
   in_range(o.ptx_coef, 0.0, big, "ptxCoef");
   in_range(o.ptx_batch_ratio, 0.0, big, "ptxBatchRatio", true);
-  require(o.mini_batch_size >= 1, ErrorCode::OutOfRange,
+  require(o.mini_batch_size >= 1, ErrorCode::InvalidArgument,
           "miniBatchSize must be >= 1, got " + std::to_string(o.mini_batch_size), "miniBatchSize");
-  require(o.ppo_epochs >= 1, ErrorCode::OutOfRange, "ppoEpochs must be >= 1, got " + std::to_string(o.ppo_epochs),
+  require(o.ppo_epochs >= 1, ErrorCode::InvalidArgument, "ppoEpochs must be >= 1, got " + std::to_string(o.ppo_epochs),
           "ppoEpochs");
-  require(o.forward_batch_size >= 0, ErrorCode::OutOfRange, "forwardBatchSize must be >= 0", "forwardBatchSize");
+  require(o.forward_batch_size >= 0, ErrorCode::InvalidArgument, "forwardBatchSize must be >= 0", "forwardBatchSize");
   check_optimizer(o.policy_optimizer, "policyOptimizer");
   check_optimizer(o.critic_optimizer, "criticOptimizer");
 }

@@ -644,17 +644,17 @@ TEST(check_optimizer_rejections) {
       {[](OptimizerOptions& o) { o.beta1 = -0.1; }, "opt.beta1"},
       {[](OptimizerOptions& o) { o.beta2 = 1.0; }, "opt.beta2"},
       {[](OptimizerOptions& o) { o.eps = 0.0; }, "opt.eps"},
-      {[](OptimizerOptions& o) { o.weight_decay = -0.1; }, "opt.weight_decay"},
-      {[](OptimizerOptions& o) { o.max_grad_norm = -1; }, "opt.max_grad_norm"},
-      {[](OptimizerOptions& o) { o.max_grad_norm = std::nan(""); }, "opt.max_grad_norm"},
-      {[](OptimizerOptions& o) { o.warmup_steps = -1; }, "opt.warmup_steps"},
+      {[](OptimizerOptions& o) { o.weight_decay = -0.1; }, "opt.weightDecay"},
+      {[](OptimizerOptions& o) { o.max_grad_norm = -1; }, "opt.maxGradNorm"},
+      {[](OptimizerOptions& o) { o.max_grad_norm = std::nan(""); }, "opt.maxGradNorm"},
+      {[](OptimizerOptions& o) { o.warmup_steps = -1; }, "opt.warmupSteps"},
       {[](OptimizerOptions& o) { o.schedule = static_cast<Schedule>(7); }, "opt.schedule"},
       {[](OptimizerOptions& o) {
          o.schedule = Schedule::WarmupLinearDecay;
          o.warmup_steps = 10;
          o.total_steps = 10;
        },
-       "opt.total_steps"},
+       "opt.totalSteps"},
   };
   for (const Case& c : cases) {
     OptimizerOptions o;
