@@ -240,7 +240,8 @@ function integerIn(name: string, value: unknown, min: number, max: number, code:
 }
 
 /** A complete config (defaults filled in), checked field by field. */
-function normalizeConfig(value: unknown): NativeModelConfig {
+/** @internal */
+export function normalizeConfig(value: unknown): NativeModelConfig {
   const c = objectArgument('config', value);
   for (const key of Object.keys(c)) {
     if (!(CONFIG_FIELDS as readonly string[]).includes(key)) {

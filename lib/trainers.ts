@@ -12,7 +12,7 @@ import * as os from 'os';
 import * as path from 'path';
 
 import { PpoMaxError, fromNative, invalidArgument, shapeMismatch } from './errors';
-import { Batch, Model, ModelMemory, TokenBatchInput, UserError, prepareBatch } from './model';
+import { Batch, GPT2Config, Model, ModelMemory, TokenBatchInput, UserError, normalizeConfig, prepareBatch } from './model';
 import { Alarm, AlarmMonitor, JsonlLog, MonitorState, ProgressBar } from './monitor';
 import { NativeModelHandle, NativePpoState, NativeTrainerHandle, NativeTrainerResult, native } from './native';
 import {
@@ -173,6 +173,8 @@ function rng(seed: number): () => number {
 export interface TrainerMemoryEstimate {
   /** Bytes per model and kind. */
   models: Record<string, ModelMemory>;
+  /** The copies of policy and critic (parameters and moments) an update keeps to undo a non-finite step. */
+  snapshots: number;
   /** All of it, in bytes. */
   total: number;
 }
@@ -183,32 +185,39 @@ export interface TrainerMemoryEstimate {
  * before anything is allocated.
  */
 export function estimatePpoMemory(args: {
-  policy: Model['config'];
-  critic: Model['config'];
-  reward?: Model['config'] | null;
+  policy: GPT2Config;
+  critic: GPT2Config;
+  reward?: GPT2Config | null;
   options?: Partial<PpoOptions>;
   maxPromptLength: number;
 }): TrainerMemoryEstimate {
-  const o = resolvePpoOptions(args.options ?? {});
-  const T = args.maxPromptLength + o.maxNewTokens;
+  const a = objectArgument('args', args) as unknown as typeof args;
+  const o = resolvePpoOptions(a.options ?? {});
+  const promptLength = numberOption('maxPromptLength', a.maxPromptLength, 1, { min: 1 });
+  const T = promptLength + o.maxNewTokens;
+  // Rollout and evaluation run over chunks of `rows` sequences (no gradients); the update over
+  // mini-batches with gradients (activations retained for backward).
   const rows = o.forwardBatchSize > 0 ? Math.min(o.forwardBatchSize, o.numRollouts) : o.numRollouts;
-  const est = (config: Model['config'], trainable: boolean, generate: boolean) =>
-    native().estimateModelMemory({
-      config,
+  const est = (name: string, config: GPT2Config, trainable: boolean, generates: boolean): ModelMemory => {
+    const m = native().estimateModelMemory({
+      config: normalizeConfig(config),
       trainable,
-      batch: trainable ? Math.max(o.miniBatchSize, rows) : rows,
-      steps: T,
-      generateBatch: generate ? rows : 0,
-      generateSteps: generate ? T : 0,
+      batch: trainable ? Math.min(o.miniBatchSize, o.numRollouts) : 0,
+      steps: trainable ? T : 0,
+      generateBatch: rows,
+      generateSteps: T,
     });
-  const models: Record<string, ModelMemory> = {
-    policy: est(args.policy, true, true),
-    reference: est(args.policy, false, false),
-    critic: est(args.critic, true, false),
+    return generates ? m : { ...m, kvCache: 0 };
   };
-  if (args.reward) models.reward = est(args.reward, false, false);
-  const total = Object.values(models).reduce((s, m) => s + m.params + m.grads + m.optimizer + m.activations + m.kvCache, 0);
-  return { models, total };
+  const models: Record<string, ModelMemory> = {
+    policy: est('policy', a.policy, true, true),
+    reference: est('reference', a.policy, false, false),
+    critic: est('critic', a.critic, true, false),
+  };
+  if (a.reward) models.reward = est('reward', a.reward, false, false);
+  const snapshots = models.policy.params + models.policy.optimizer + models.critic.params + models.critic.optimizer;
+  const total = Object.values(models).reduce((s, m) => s + m.params + m.grads + m.optimizer + m.activations + m.kvCache, snapshots);
+  return { models, snapshots, total };
 }
 
 function gib(bytes: number): string {
@@ -349,7 +358,7 @@ export class PpoTrainer extends EventEmitter {
           'ERR_OUT_OF_MEMORY',
           `this configuration needs about ${gib(estimate.total)} (${Object.entries(estimate.models)
             .map(([k, m]) => `${k} ${gib(m.params + m.grads + m.optimizer + m.activations + m.kvCache)}`)
-            .join(', ')}), more than the limit of ${gib(limit)}: lower numRollouts, forwardBatchSize or miniBatchSize`,
+            .join(', ')}, undo snapshots ${gib(estimate.snapshots)}), more than the limit of ${gib(limit)}: lower numRollouts, forwardBatchSize or miniBatchSize`,
           'options',
         );
       }

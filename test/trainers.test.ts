@@ -11,7 +11,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 
-import { GPT2Config, Model, PpoOptions, PpoTrainer, RewardModelTrainer, SftTrainer, ppoMax, ppoPtx, resolvePpoOptions, vanilla } from '../lib';
+import { GPT2Config, Model, PpoOptions, PpoTrainer, RewardModelTrainer, SftTrainer, estimatePpoMemory, ppoMax, ppoPtx, resolvePpoOptions, vanilla } from '../lib';
 import { expectRejects, expectThrows } from './helpers';
 
 const CFG: GPT2Config = { vocabSize: 12, nPositions: 24, nEmbd: 32, nLayer: 2, nHead: 2 };
@@ -224,6 +224,16 @@ describe('bad input and resources', () => {
       () => PpoTrainer.create({ policy, reference, critic, reward: () => [0], options: toyOptions(ppoMax), memoryLimit: 1000 }),
       { code: 'ERR_OUT_OF_MEMORY', message: /needs about .* GiB/ },
     );
+    // the estimate bounds what a step really holds
+    const probeTrainer = await PpoTrainer.create({ policy, reference, critic, reward: (ss) => ss.map(gold), options: toyOptions(ppoMax), progressBar: false });
+    await probeTrainer.step(pool.slice(0, 32));
+    const held = [policy, reference, critic].reduce((s, m) => {
+      const x = m.memory();
+      return s + x.params + x.grads + x.optimizer + x.activations + x.kvCache;
+    }, 0);
+    const estimate = estimatePpoMemory({ policy: CFG, critic: { ...CFG, valueHead: true }, options: toyOptions(ppoMax), maxPromptLength: 2 });
+    expect(estimate.total - estimate.snapshots).toBeGreaterThanOrEqual(held);
+    expect(estimate.total).toBeLessThan(3 * held);
     let nan = false;
     const trainer = await PpoTrainer.create({
       policy, reference, critic, options: toyOptions(ppoMax), progressBar: false,
