@@ -2,13 +2,15 @@
 /**
  * `npx ppo-max <command>`:
  *   build   build the native addon (cmake-js with CUDA when nvcc is found, else node-gyp)
- *   demo    run the kernels demonstration on a realistic batch
+ *   demo    a whole RLHF pipeline on a toy language (SFT, reward model, PPO: ppoMax vs vanilla);
+ *           --kernels: one PPO-max step's math through the kernels on a synthetic batch
  *   info    print the loaded backend: addon path, CUDA, threads
  * Exit codes: 0 success, 1 failure, 2 bad usage.
  */
 import { buildAddon } from './build';
 import { backendInfo } from './device';
 import { runDemo } from './demo';
+import { runPipelineDemo } from './pipeline-demo';
 import { isPpoMaxError } from './errors';
 
 const HELP = `usage: ppo-max <command> [options]
@@ -18,7 +20,12 @@ commands:
       --tool cmake|gyp|auto   build tool (default auto: cmake-js when CMake is found)
       --cuda auto|on|off      compile the CUDA backend (default auto: when nvcc is found)
       --tests                 also build the C++ tests and benchmarks (cmake)
-  demo             one PPO-max step's math through the native kernels on a synthetic batch
+  demo             a whole RLHF pipeline on a toy language, on the CPU in well under a minute:
+                   SFT, simulated preference labels, a reward model, critic pre-training,
+                   then PPO under ppoMax and under vanilla from the same start, compared
+      --ppo-steps N           PPO steps per preset (default 40)
+      --seed N
+  demo --kernels   one PPO-max step's math through the native kernels on a synthetic batch
       --batch N  --steps N  --vocab N  --device cpu|cuda|auto  --seed N
   info             the loaded addon, CUDA availability and CPU threads
   help             this text
@@ -70,6 +77,10 @@ export async function main(argv: string[]): Promise<number> {
         return 0;
       }
       case 'demo':
+        if (flags.kernels !== true) {
+          await runPipelineDemo({ ppoSteps: intFlag(flags, 'ppo-steps'), seed: intFlag(flags, 'seed') });
+          return 0;
+        }
         await runDemo({
           batch: intFlag(flags, 'batch'),
           steps: intFlag(flags, 'steps'),
