@@ -1,6 +1,7 @@
 /**
- * The kernels demonstration run by `npx ppo-max demo --kernels`: the numerical core of one PPO-max step on a realistic synthetic batch, every stage
- * through the native kernels, with timings. The policy, reference, critic and reward
+ * The kernels demonstration run by `npx ppo-max demo --kernels`: the numerical core of
+ * one PPO-max step on a realistic synthetic batch, every stage through the native
+ * kernels, with timings. The policy, reference, critic and reward
  * model are stand-ins (random logits, values and scores from a seeded generator);
  * the math applied to them is the real thing.
  */

@@ -662,7 +662,11 @@ export interface SftOptions {
   microBatch?: number;
   /** 'response' (default): loss on the response tokens only; 'all': every token after the first. */
   lossOn?: 'response' | 'all';
-  /** 'pad' (default): one row per example; 'pack': examples joined (eos between) into rows of packLength. */
+  /**
+   * 'pad' (default): one row per example; 'pack': examples joined (each followed by eos)
+   * into rows of packLength. Packed examples attend to the ones before them in their row
+   * (no document mask), as in GPT pretraining; their positions continue along the row.
+   */
   packing?: 'pad' | 'pack';
   /** Row length when packing (default: the model's context). */
   packLength?: number;

@@ -166,14 +166,16 @@ class PpoTrainer {
              std::shared_ptr<Model> reward, const PpoOptions& options);
 
   const PpoOptions& options() const;
-  void set_options(const PpoOptions& options);  // validated
+  // Validated. Changing kl_coef or kl_target restarts the controller at the new kl_coef.
+  void set_options(const PpoOptions& options);
   const PpoState& state() const;
   void set_state(const PpoState& state);
   // Pretraining / SFT sequences for the ptx loss ([rows, steps] + target mask), copied.
   void set_ptx_data(const TokenBatch& data, const float* target_mask);
 
   // Step 1 and 4: samples one response per prompt with the policy (a seed derived from
-  // options.seed and state.rollouts), then computes the rollout log-probs and entropy of
+  // options.seed, state.rollouts and the chunk's first row, so the samples also depend on
+  // forward_batch_size), then computes the rollout log-probs and entropy of
   // the policy, the reference log-probs and the critic's values. Increments state.rollouts.
   Experience rollout(const TokenBatch& prompts, const Progress& progress = {});
   // Step 2: the reward model's score at the last token (throws without a reward model).
@@ -184,6 +186,8 @@ class PpoTrainer {
   // normalizes/scales/clips them, the KL-penalized rewards, GAE. Stats: see stats().
   Stats shape(Experience& e, bool update_moments = true);
   // Step 7: ppo_epochs passes over e in shuffled mini-batches; policy and critic steps.
+  // Stats are means over the mini-batches: policy_loss is the clipped surrogate alone and
+  // value_loss the clipped value loss before value_loss_coef.
   // When a loss or gradient turns non-finite, both models are restored as they were
   // before this call and the stats say skipped = 1. Then the adaptive KL controller.
   Stats update(const Experience& e, const Progress& progress = {});
