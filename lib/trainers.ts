@@ -276,7 +276,7 @@ export interface CriticPretrainResult {
  * Events: 'stats' (stats, step), 'alarm' (alarm).
  */
 export class PpoTrainer extends EventEmitter {
-  readonly options: Readonly<ResolvedPpoOptions>;
+  private resolved: Readonly<ResolvedPpoOptions>;
   private handle: NativeTrainerHandle;
   private readonly models: Model[];
   private readonly monitor: AlarmMonitor;
@@ -295,7 +295,7 @@ export class PpoTrainer extends EventEmitter {
     private readonly args: PpoTrainerArgs,
   ) {
     super();
-    this.options = Object.freeze(options);
+    this.resolved = Object.freeze(options);
     this.models = [policy, reference, critic, ...(rewardModel ? [rewardModel] : [])];
     const handles = this.models.map((m) => m.nativeHandle());
     if (handles.some((h) => h === null)) throw new PpoMaxError('ERR_DISPOSED', 'one of the models was disposed', 'models');
@@ -368,6 +368,26 @@ export class PpoTrainer extends EventEmitter {
     } catch (e) {
       throw fromNative(e, callSite, TRAINER_ARGUMENT_NAMES);
     }
+  }
+
+  /** The options in force, every field resolved. */
+  get options(): Readonly<ResolvedPpoOptions> {
+    return this.resolved;
+  }
+
+  /**
+   * Changes options between steps (e.g. learning rates or klCoef): `changes` is merged over
+   * the options in force and validated. Changing klCoef or klTarget restarts the KL
+   * controller at klCoef. Runs after the calls already queued.
+   */
+  setOptions(changes: Partial<PpoOptions>): Promise<void> {
+    return this.call(new Error(), () => {
+      const next = resolvePpoOptions({ ...this.resolved, ...objectArgument('changes', changes) }, this.policy.config.vocabSize);
+      return async (t) => {
+        native().ppoTrainerSetOptions(t, nativePpoOptions(next));
+        this.resolved = Object.freeze(next);
+      };
+    });
   }
 
   /** The running reward moments, KL coefficient and counters. */

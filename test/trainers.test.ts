@@ -164,8 +164,15 @@ describe('PPO end to end on a toy task (reward: the share of token 3)', () => {
     const stepped = await trainer.step([[1, 2], [3], [4]]);
     expect(stepped.stats.reward_raw_mean).toBeCloseTo(Array.from(stepped.experience.scores as Float32Array).reduce((s, x) => s + x, 0) / 3, 5);
     expect(seen).toEqual([1]);
+    // options change between steps, validated
+    await trainer.setOptions({ klCoef: 0.2, policyOptimizer: { lr: 1e-4 } });
+    expect(trainer.options.klCoef).toBe(0.2);
+    expect(trainer.state().klCoef).toBe(0.2);
+    expect((await trainer.step([[1, 2]])).stats.policy_lr).toBeCloseTo(1e-4, 12);
+    await expectRejects(() => trainer.setOptions({ gamma: 2 }), { code: 'ERR_INVALID_ARGUMENT', argument: 'gamma' });
+    expect(trainer.options.klCoef).toBe(0.2);
     const lines = fs.readFileSync(logFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
-    expect(lines).toHaveLength(1);
+    expect(lines).toHaveLength(2);
     expect(lines[0]).toMatchObject({ kind: 'ppo', step: 1 });
     // a non-finite experience is skipped, the models untouched
     const before = await policy.logprobs([[1, 2, 3, 4]]);
