@@ -15,6 +15,7 @@ import {
   valueLoss,
   whiten,
 } from './ops';
+import { mulberry32 } from './random';
 import { RunningMoments } from './running-moments';
 
 export interface DemoOptions {
@@ -28,14 +29,7 @@ export interface DemoOptions {
 
 /** Small, fast, seeded PRNG (mulberry32) and a Gaussian from it. */
 function rng(seed: number): { uniform: () => number; normal: () => number } {
-  let a = seed >>> 0;
-  const uniform = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const uniform = mulberry32(seed);
   const normal = () => Math.sqrt(-2 * Math.log(1 - uniform())) * Math.cos(2 * Math.PI * uniform());
   return { uniform, normal };
 }

@@ -860,7 +860,8 @@ export class Model {
   /**
    * @internal Runs `run` with the native handles of several models (a trainer's call)
    * once the calls already queued on each have settled; later calls on any of them wait
-   * for it. `prepare` runs now (validation, copies), as in schedule().
+   * for it. `prepare` runs now (validation, copies), as in schedule(); the trainer's
+   * forwards replace whatever forward the models retained.
    */
   static exclusive<R>(
     models: readonly Model[],
@@ -868,26 +869,11 @@ export class Model {
     argumentNames: Record<string, string>,
     prepare: () => (handles: NativeModelHandle[]) => Promise<R>,
   ): Promise<R> {
-    let run: (handles: NativeModelHandle[]) => Promise<R>;
-    try {
-      if (models.some((m) => m.closing)) throw disposedError();
-      run = prepare();
-    } catch (e) {
-      return Promise.reject(fromNative(e, callSite, argumentNames));
-    }
-    for (const m of models) m.retained = null;  // the trainer's forwards replace any retained one
-    const result = Promise.all(models.map((m) => m.tail)).then(async () => {
-      try {
-        const handles = models.map((m) => m.handle);
-        if (handles.some((h) => h === null)) throw disposedError();
-        return await run(handles as NativeModelHandle[]);
-      } catch (e) {
-        if (e instanceof UserError) throw e.error;
-        throw fromNative(e, callSite, argumentNames);
-      }
+    return Model.enqueue(models, callSite, argumentNames, () => {
+      const run = prepare();
+      for (const m of models) m.retained = null;
+      return run;
     });
-    for (const m of models) m.tail = result.then(noop, noop);
-    return result;
   }
 
   /** @internal The native handle, for synchronous trainer setup (null once disposed). */
@@ -900,24 +886,38 @@ export class Model {
    * rejects at once), the returned function when the calls before it have settled.
    */
   private schedule<R>(callSite: Error, prepare: () => (handle: NativeModelHandle) => Promise<R>): Promise<R> {
-    let run: (handle: NativeModelHandle) => Promise<R>;
+    return Model.enqueue([this], callSite, MODEL_ARGUMENT_NAMES, () => {
+      const run = prepare();
+      return (handles) => run(handles[0]);
+    });
+  }
+
+  /** The queue under schedule() and exclusive(): one call over `models`, in call order. */
+  private static enqueue<R>(
+    models: readonly Model[],
+    callSite: Error,
+    argumentNames: Record<string, string>,
+    prepare: () => (handles: NativeModelHandle[]) => Promise<R>,
+  ): Promise<R> {
+    let run: (handles: NativeModelHandle[]) => Promise<R>;
     try {
-      if (this.closing) throw disposedError();
+      if (models.some((m) => m.closing)) throw disposedError();
       run = prepare();
     } catch (e) {
-      return Promise.reject(fromNative(e, callSite, MODEL_ARGUMENT_NAMES));
+      return Promise.reject(fromNative(e, callSite, argumentNames));
     }
-    const result = this.tail.then(async () => {
-      const handle = this.handle;
+    const before = models.length === 1 ? models[0].tail : Promise.all(models.map((m) => m.tail));
+    const result = before.then(async () => {
       try {
-        if (handle === null) throw disposedError();
-        return await run(handle);
+        const handles = models.map((m) => m.handle);
+        if (handles.some((h) => h === null)) throw disposedError();
+        return await run(handles as NativeModelHandle[]);
       } catch (e) {
         if (e instanceof UserError) throw e.error;
-        throw fromNative(e, callSite, MODEL_ARGUMENT_NAMES);
+        throw fromNative(e, callSite, argumentNames);
       }
     });
-    this.tail = result.then(noop, noop);
+    for (const m of models) m.tail = result.then(noop, noop);
     return result;
   }
 

@@ -13,6 +13,7 @@
  */
 import { Model } from './model';
 import { ppoMax, vanilla, PpoOptions } from './ppo-options';
+import { mulberry32 } from './random';
 import { Experience, PpoTrainer, RewardModelTrainer, SftTrainer } from './trainers';
 
 export interface PipelineDemoOptions {
@@ -26,17 +27,6 @@ const VOCAB = 24;
 const EOS = 0;
 const POSITIVE = new Set([3, 7, 11]);
 const NEGATIVE = new Set([5, 13]);
-
-function mulberry(seed: number): () => number {
-  let a = seed >>> 0 || 1;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** The simulated labeler's score of a response: (positive − negative words) per word. */
 export function goldReward(response: ArrayLike<number>): number {
@@ -75,7 +65,7 @@ export async function runPipelineDemo(o: PipelineDemoOptions = {}): Promise<Reco
   const log = o.log ?? ((line: string) => console.log(line));
   const seed = o.seed ?? 1;
   const ppoSteps = o.ppoSteps ?? 40;
-  const rand = mulberry(seed);
+  const rand = mulberry32(seed >>> 0 || 1);
   const t0 = Date.now();
   const config = { vocabSize: VOCAB, nPositions: 32, nEmbd: 64, nLayer: 2, nHead: 4, bosTokenId: EOS, eosTokenId: EOS };
 

@@ -25,6 +25,7 @@ import {
   resolveOptimizer,
   resolvePpoOptions,
 } from './ppo-options';
+import { mulberry32 } from './random';
 import { describe, float32, isArrayLike, numberOption, objectArgument } from './validate';
 
 const TRAINER_ARGUMENT_NAMES: Record<string, string> = {
@@ -156,18 +157,6 @@ function stageProgress(o: ProgressOptions | undefined, bar: ProgressBar | null) 
   };
 }
 
-/** A seeded generator (mulberry32) for sampling prompts from a pool. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0 || 0x9e3779b9;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 // ---- memory ------------------------------------------------------------------------------------
 
 export interface TrainerMemoryEstimate {
@@ -198,7 +187,7 @@ export function estimatePpoMemory(args: {
   // Rollout and evaluation run over chunks of `rows` sequences (no gradients); the update over
   // mini-batches with gradients (activations retained for backward).
   const rows = o.forwardBatchSize > 0 ? Math.min(o.forwardBatchSize, o.numRollouts) : o.numRollouts;
-  const est = (name: string, config: GPT2Config, trainable: boolean, generates: boolean): ModelMemory => {
+  const est = (config: GPT2Config, trainable: boolean, generates: boolean): ModelMemory => {
     const m = native().estimateModelMemory({
       config: normalizeConfig(config),
       trainable,
@@ -210,11 +199,11 @@ export function estimatePpoMemory(args: {
     return generates ? m : { ...m, kvCache: 0 };
   };
   const models: Record<string, ModelMemory> = {
-    policy: est('policy', a.policy, true, true),
-    reference: est('reference', a.policy, false, false),
-    critic: est('critic', a.critic, true, false),
+    policy: est(a.policy, true, true),
+    reference: est(a.policy, false, false),
+    critic: est(a.critic, true, false),
   };
-  if (a.reward) models.reward = est('reward', a.reward, false, false);
+  if (a.reward) models.reward = est(a.reward, false, false);
   const snapshots = models.policy.params + models.policy.optimizer + models.critic.params + models.critic.optimizer;
   const total = Object.values(models).reduce((s, m) => s + m.params + m.grads + m.optimizer + m.activations + m.kvCache, snapshots);
   return { models, snapshots, total };
@@ -451,12 +440,8 @@ export class PpoTrainer extends EventEmitter {
       }
       samples.push(s);
     }
-    let out: ArrayLike<number>;
-    try {
-      out = await (this.rewardFn as RewardFunction)(samples);
-    } catch (err) {
-      throw err;
-    }
+    // What the user's function throws is rethrown as is.
+    const out = await (this.rewardFn as RewardFunction)(samples);
     try {
       if (!isArrayLike(out) || out.length !== e.batch) {
         throw shapeMismatch('reward', `the reward function must return ${e.batch} scores (one per sample), got ${describe(out)}`);
@@ -517,10 +502,7 @@ export class PpoTrainer extends EventEmitter {
 
   private record(stats: Stats, experience: Experience): PpoStepResult {
     this.steps += 1;
-    const st = native().ppoTrainerGetState(this.handle);
     stats.step = this.steps;
-    stats.reward_moments_mean = st.mean;
-    stats.reward_moments_std = st.count > 1 ? Math.sqrt(st.m2 / (st.count - 1)) : 0;
     const alarms = this.monitor.check(this.steps, stats);
     if (this.log) this.log.write({ kind: 'ppo', time: new Date().toISOString(), ...stats, alarms });
     this.emit('stats', stats, this.steps);
@@ -535,7 +517,7 @@ export class PpoTrainer extends EventEmitter {
   async train(promptPool: ArrayLike<number>[], o: { steps: number } & ProgressOptions): Promise<PpoStepResult[]> {
     if (!Array.isArray(promptPool) || promptPool.length === 0) throw invalidArgument('promptPool', 'promptPool must be a non-empty array of prompts');
     const steps = numberOption('steps', o.steps, 1, { min: 0 });
-    const pick = rng(this.options.seed * 7919 + this.steps + 1);
+    const pick = mulberry32((this.options.seed * 7919 + this.steps + 1) >>> 0 || 0x9e3779b9);
     const draw = () => Array.from({ length: this.options.numRollouts }, () => promptPool[Math.floor(pick() * promptPool.length)]);
     if (this.options.criticPretrain && this.state().criticPretrainSteps === 0) await this.pretrainCritic(draw, o);
     const results: PpoStepResult[] = [];

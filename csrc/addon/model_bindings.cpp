@@ -385,15 +385,7 @@ Napi::Value ModelGenerate(const Napi::CallbackInfo& info) {
 // after the last completed call (all 0 once disposed). Synchronous: never waits.
 Napi::Value ModelMemory(const Napi::CallbackInfo& info) {
   const std::shared_ptr<ModelState> state = unwrap(info);
-  const Model::Memory m = memory_of(*state);
-  Napi::Env env = info.Env();
-  Napi::Object out = Napi::Object::New(env);
-  out.Set("params", static_cast<double>(m.params));
-  out.Set("grads", static_cast<double>(m.grads));
-  out.Set("optimizer", static_cast<double>(m.optimizer));
-  out.Set("activations", static_cast<double>(m.activations));
-  out.Set("kvCache", static_cast<double>(m.kv_cache));
-  return out;
+  return memory_to_js(info.Env(), memory_of(*state));
 }
 
 // modelDispose(handle) -> Promise<undefined>: frees the engine on a worker thread. Later

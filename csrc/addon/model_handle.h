@@ -432,6 +432,17 @@ inline Napi::Value start_leases(Napi::Env env, std::vector<Lease> leases, KeepAl
   return worker->start();
 }
 
+// {params, grads, optimizer, activations, kvCache} in bytes (lib/native.ts NativeModelMemory).
+inline Napi::Object memory_to_js(Napi::Env env, const Model::Memory& m) {
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("params", static_cast<double>(m.params));
+  out.Set("grads", static_cast<double>(m.grads));
+  out.Set("optimizer", static_cast<double>(m.optimizer));
+  out.Set("activations", static_cast<double>(m.activations));
+  out.Set("kvCache", static_cast<double>(m.kv_cache));
+  return out;
+}
+
 // A GPT2Config object of lib/model.ts (camelCase) as the engine's config (model_bindings.cpp).
 model::ModelConfig config_from_js(const Napi::Value& value);
 

@@ -213,6 +213,14 @@ TokensCopy tokens_from_js(const Napi::Value& v, const char* what) {
   return t;
 }
 
+// The optional [batch] "scores" of a call's options, copied (empty when absent).
+std::shared_ptr<std::vector<float>> optional_scores(const Args& a, int64_t batch) {
+  KeepAlive keep;
+  auto scores = std::make_shared<std::vector<float>>();
+  if (const float* s = a.f32("scores", batch, true, keep)) scores->assign(s, s + batch);
+  return scores;
+}
+
 trainer::Progress progress_of(const ModelWorker::Report& report) {
   return [&report](const char* stage, int64_t done, int64_t total) { report(done, total, stage); };
 }
@@ -356,10 +364,7 @@ Napi::Value PpoTrainerShape(const Napi::CallbackInfo& info) {
   auto t = unwrap_trainer(info);
   auto e = std::make_shared<Experience>(experience_from_js(arg(info, 1)));
   Args a(arg(info, 2), "options");
-  KeepAlive keep;
-  const float* s = a.f32("scores", e->batch, true, keep);
-  auto scores = std::make_shared<std::vector<float>>();
-  if (s) scores->assign(s, s + e->batch);
+  auto scores = optional_scores(a, e->batch);
   const bool update_moments = a.flag("updateMoments", true);
   return start_trainer(
       info, t,
@@ -393,14 +398,7 @@ Napi::Value PpoTrainerStep(const Napi::CallbackInfo& info) {
   return start_trainer(
       info, t,
       [prompts](PpoTrainer& tr, TrainerResult& r, const ModelWorker::Report& report) {
-        const auto t0 = std::chrono::steady_clock::now();
-        r.experience = tr.rollout(prompts->view(), progress_of(report));
-        const double rollout_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        r.stats = tr.step_with_scores(r.experience, nullptr, progress_of(report));
-        double generated = 0;
-        for (int32_t n : r.experience.response_lengths) generated += n;
-        r.stats.emplace_back("seconds_rollout", rollout_s);
-        r.stats.emplace_back("rollout_tokens_per_second", rollout_s > 0 ? generated / rollout_s : 0.0);
+        r.stats = tr.step(prompts->view(), progress_of(report), &r.experience);
         r.has_stats = r.has_experience = true;
       },
       optional_function(arg(info, 2), "onProgress"));
@@ -411,10 +409,7 @@ Napi::Value PpoTrainerStepWithScores(const Napi::CallbackInfo& info) {
   auto t = unwrap_trainer(info);
   auto e = std::make_shared<Experience>(experience_from_js(arg(info, 1)));
   Args a(arg(info, 2), "options");
-  KeepAlive keep;
-  const float* s = a.f32("scores", e->batch, true, keep);
-  auto scores = std::make_shared<std::vector<float>>();
-  if (s) scores->assign(s, s + e->batch);
+  auto scores = optional_scores(a, e->batch);
   return start_trainer(
       info, t,
       [e, scores](PpoTrainer& tr, TrainerResult& r, const ModelWorker::Report& report) {
@@ -601,15 +596,7 @@ Napi::Value EstimateModelMemory(const Napi::CallbackInfo& info) {
   const bool trainable = a.flag("trainable", true);
   const int64_t batch = a.integer_or("batch", 0, kMaxInt32, 0), steps = a.integer_or("steps", 0, kMaxInt32, 0);
   const int64_t gb = a.integer_or("generateBatch", 0, kMaxInt32, 0), gs = a.integer_or("generateSteps", 0, kMaxInt32, 0);
-  const Model::Memory m = Model::estimate_memory(config, trainable, batch, steps, gb, gs);
-  Napi::Env env = info.Env();
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("params", static_cast<double>(m.params));
-  o.Set("grads", static_cast<double>(m.grads));
-  o.Set("optimizer", static_cast<double>(m.optimizer));
-  o.Set("activations", static_cast<double>(m.activations));
-  o.Set("kvCache", static_cast<double>(m.kv_cache));
-  return o;
+  return memory_to_js(info.Env(), Model::estimate_memory(config, trainable, batch, steps, gb, gs));
 }
 
 }  // namespace

@@ -891,13 +891,16 @@ Stats PpoTrainer::step_with_scores(Experience& e, const float* scores, const Pro
   append(s, u);
   double tokens = 0;
   for (int64_t b = 0; b < e.batch; ++b) tokens += e.lengths[b];
+  const PpoState& st = impl_->st;
+  s.emplace_back("reward_moments_mean", st.moments.mean);
+  s.emplace_back("reward_moments_std", moments_std({st.moments.count, st.moments.mean, st.moments.m2}));
   s.emplace_back("seconds_score", score_s);
   s.emplace_back("seconds_update", update_s);
   s.emplace_back("update_tokens_per_second", update_s > 0 ? tokens * impl_->o.ppo_epochs / update_s : 0.0);
   return s;
 }
 
-Stats PpoTrainer::step(const TokenBatch& prompts, const Progress& progress) {
+Stats PpoTrainer::step(const TokenBatch& prompts, const Progress& progress, Experience* experience) {
   const auto t0 = Clock::now();
   Experience e = rollout(prompts, progress);
   const double rollout_s = seconds_since(t0);
@@ -906,6 +909,7 @@ Stats PpoTrainer::step(const TokenBatch& prompts, const Progress& progress) {
   for (int64_t b = 0; b < e.batch; ++b) generated += e.response_lengths[b];
   s.emplace_back("seconds_rollout", rollout_s);
   s.emplace_back("rollout_tokens_per_second", rollout_s > 0 ? generated / rollout_s : 0.0);
+  if (experience) *experience = std::move(e);
   return s;
 }
 

@@ -193,7 +193,8 @@ class PpoTrainer {
   Stats update(const Experience& e, const Progress& progress = {});
   // rollout + score (or `scores`, when non-null, one per prompt) + shape + update; the
   // stats of all stages, with seconds per stage and tokens per second.
-  Stats step(const TokenBatch& prompts, const Progress& progress = {});
+  // `experience`, when given, receives the step's experience (scored and shaped).
+  Stats step(const TokenBatch& prompts, const Progress& progress = {}, Experience* experience = nullptr);
   Stats step_with_scores(Experience& e, const float* scores, const Progress& progress = {});
 
   // Step 8 on cached rollouts: `passes` passes of critic-only updates over e (values

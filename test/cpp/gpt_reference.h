@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/gpt.h"
 #include "model/params.h"
+#include "test_util.h"
 
 namespace gpt_ref {
 
@@ -141,6 +143,39 @@ RefOutputs ref_forward(const Ref& ref, int64_t B, int64_t T, const std::vector<i
   }
   out.lm_loss = out.lm_tokens ? nll / out.lm_tokens : 0.0;
   return out;
+}
+
+// ---- tiny models shared by the engine's and the trainers' tests -------------------------
+// A config small enough for finite differences over every parameter (4,224 with the head).
+inline ModelConfig tiny_config(bool value_head = true, int64_t n_positions = 12) {
+  ModelConfig c;
+  c.vocab_size = 23;
+  c.n_positions = n_positions;
+  c.n_embd = 12;
+  c.n_layer = 2;
+  c.n_head = 3;
+  c.layer_norm_epsilon = 1e-5;
+  c.value_head = value_head;
+  c.bos_token_id = c.eos_token_id = 22;
+  return c;
+}
+
+inline std::vector<double> params_double(const Model& m) {
+  return std::vector<double>(m.params(), m.params() + m.parameter_count());
+}
+
+// Gives the model non-trivial LayerNorm parameters and biases (GPT-2's init makes them 1
+// and 0) and O(1) weights, so that every parameter has a gradient worth checking.
+inline void perturb(Model& m, uint64_t seed) {
+  tu::Rng rng(seed);
+  float* p = m.mutable_params();
+  for (const ParamTensor& t : m.layout().tensors) {
+    const bool small = t.kind == ParamKind::Norm || t.kind == ParamKind::Bias;
+    for (int64_t i = 0; i < t.numel; ++i) {
+      if (small) p[t.offset + i] += static_cast<float>(tu::rand_uniform(rng, -0.3, 0.3));
+      else p[t.offset + i] = static_cast<float>(tu::rand_uniform(rng, -0.4, 0.4));
+    }
+  }
 }
 
 }  // namespace gpt_ref

@@ -17,23 +17,13 @@
 using ppo::ErrorCode;
 using namespace ppo::model;
 using gpt_ref::Ref;
+using gpt_ref::params_double;
+using gpt_ref::perturb;
+using gpt_ref::tiny_config;
 using gpt_ref::RefOutputs;
 using gpt_ref::ref_forward;
 
 namespace {
-
-ModelConfig tiny_config(bool value_head = true) {
-  ModelConfig c;
-  c.vocab_size = 23;
-  c.n_positions = 12;
-  c.n_embd = 12;
-  c.n_layer = 2;
-  c.n_head = 3;
-  c.layer_norm_epsilon = 1e-5;
-  c.value_head = value_head;
-  c.bos_token_id = c.eos_token_id = 22;
-  return c;
-}
 
 // A fixed batch with right padding; padded positions hold `pad` (garbage on purpose).
 struct Batch {
@@ -47,24 +37,6 @@ Batch make_batch(tu::Rng& rng, int64_t vocab, int32_t pad) {
   for (int64_t i = 0; i < b.B; ++i)
     for (int64_t t = b.lengths[i]; t < b.T; ++t) b.tokens[i * b.T + t] = pad;
   return b;
-}
-
-std::vector<double> params_double(const Model& m) {
-  return std::vector<double>(m.params(), m.params() + m.parameter_count());
-}
-
-// Gives the model non-trivial LayerNorm parameters and biases, so that every parameter
-// has a gradient worth checking (GPT-2's init makes them 1 and 0).
-void perturb(Model& m, uint64_t seed) {
-  tu::Rng rng(seed);
-  float* p = m.mutable_params();
-  for (const ParamTensor& t : m.layout().tensors) {
-    const bool small = t.kind == ParamKind::Norm || t.kind == ParamKind::Bias;
-    for (int64_t i = 0; i < t.numel; ++i) {
-      if (small) p[t.offset + i] += static_cast<float>(tu::rand_uniform(rng, -0.3, 0.3));
-      else p[t.offset + i] = static_cast<float>(tu::rand_uniform(rng, -0.4, 0.4));
-    }
-  }
 }
 
 // One retained forward of the LM loss and its backward (scale 1): the SFT gradient.

@@ -39,6 +39,9 @@ using ppo::KlEstimator;
 using namespace ppo::model;
 using namespace ppo::trainer;
 using gpt_ref::Ref;
+using gpt_ref::params_double;
+using gpt_ref::perturb;
+using gpt_ref::tiny_config;
 using gpt_ref::RefOutputs;
 using gpt_ref::ref_forward;
 
@@ -49,39 +52,13 @@ namespace {
 // validation (core/validate.cpp scalar_in_range) throws InvalidArgument for gamma.
 constexpr ErrorCode kBadOption = ErrorCode::InvalidArgument;
 
-constexpr int32_t kEos = 22;
-
-ModelConfig tiny_config(bool value_head) {
-  ModelConfig c;
-  c.vocab_size = 23;
-  c.n_positions = 16;
-  c.n_embd = 12;
-  c.n_layer = 2;
-  c.n_head = 3;
-  c.layer_norm_epsilon = 1e-5;
-  c.value_head = value_head;
-  c.bos_token_id = c.eos_token_id = kEos;
-  return c;
-}
-
-// Non-trivial LayerNorm parameters and biases, and O(1) logits, so that every parameter
-// has a gradient worth checking (GPT-2's init makes them 1 and 0) - as in test_gpt.cpp.
-void perturb(Model& m, uint64_t seed) {
-  tu::Rng rng(static_cast<uint32_t>(seed));
-  float* p = m.mutable_params();
-  for (const ParamTensor& t : m.layout().tensors) {
-    const bool small = t.kind == ParamKind::Norm || t.kind == ParamKind::Bias;
-    for (int64_t i = 0; i < t.numel; ++i) {
-      if (small) p[t.offset + i] += static_cast<float>(tu::rand_uniform(rng, -0.3, 0.3));
-      else p[t.offset + i] = static_cast<float>(tu::rand_uniform(rng, -0.4, 0.4));
-    }
-  }
-}
+constexpr int32_t kEos = 22;  // gpt_ref::tiny_config's bos/eos
+constexpr int64_t kPositions = 16;
 
 std::shared_ptr<Model> make_model(bool value_head, uint64_t seed, bool trainable = true) {
   ModelOptions mo;
   mo.trainable = trainable;
-  auto m = std::make_shared<Model>(tiny_config(value_head), seed, mo);
+  auto m = std::make_shared<Model>(tiny_config(value_head, kPositions), seed, mo);
   perturb(*m, seed + 1000);
   return m;
 }
@@ -93,10 +70,6 @@ std::shared_ptr<Model> clone(const Model& m) {
   auto c = std::make_shared<Model>(m.config(), std::vector<float>(m.params(), m.params() + m.parameter_count()), mo);
   if (m.trainable()) c->set_optimizer_state(m.optimizer_m(), m.optimizer_v(), m.optimizer_steps());
   return c;
-}
-
-std::vector<double> params_double(const Model& m) {
-  return std::vector<double>(m.params(), m.params() + m.parameter_count());
 }
 
 // The value of statistic `name`; a missing key fails the calling test.

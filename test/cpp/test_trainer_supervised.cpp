@@ -47,6 +47,9 @@ using ppo::ErrorCode;
 using namespace ppo::model;
 using namespace ppo::trainer;
 using gpt_ref::Ref;
+using gpt_ref::params_double;
+using gpt_ref::perturb;
+using gpt_ref::tiny_config;
 using gpt_ref::RefOutputs;
 using gpt_ref::ref_forward;
 
@@ -54,42 +57,12 @@ namespace {
 
 constexpr double kFdStep = 1e-5;
 
-ModelConfig tiny_config(bool value_head = true) {
-  ModelConfig c;
-  c.vocab_size = 23;
-  c.n_positions = 12;
-  c.n_embd = 12;
-  c.n_layer = 2;
-  c.n_head = 3;
-  c.layer_norm_epsilon = 1e-5;
-  c.value_head = value_head;
-  c.bos_token_id = c.eos_token_id = 22;
-  return c;
-}
-
-// Non-trivial LayerNorm parameters and biases (GPT-2's init makes them 1 and 0) and
-// larger weights, so that every parameter has a gradient worth checking.
-void perturb(Model& m, uint64_t seed) {
-  tu::Rng rng(seed);
-  float* p = m.mutable_params();
-  for (const ParamTensor& t : m.layout().tensors) {
-    const bool small = t.kind == ParamKind::Norm || t.kind == ParamKind::Bias;
-    for (int64_t i = 0; i < t.numel; ++i) {
-      if (small) p[t.offset + i] += static_cast<float>(tu::rand_uniform(rng, -0.3, 0.3));
-      else p[t.offset + i] = static_cast<float>(tu::rand_uniform(rng, -0.4, 0.4));
-    }
-  }
-}
-
 std::unique_ptr<Model> make_model(uint64_t seed, bool value_head = true) {
   auto m = std::make_unique<Model>(tiny_config(value_head), seed);
   perturb(*m, seed + 1000);
   return m;
 }
 
-std::vector<double> params_double(const Model& m) {
-  return std::vector<double>(m.params(), m.params() + m.parameter_count());
-}
 std::vector<float> params_of(const Model& m) {
   return std::vector<float>(m.params(), m.params() + m.parameter_count());
 }
