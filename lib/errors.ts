@@ -17,6 +17,7 @@ export type ErrorCode =
   | 'ERR_DISPOSED' // a call on a model after dispose()
   | 'ERR_BUSY' // a call on a model while another runs (async calls are queued instead)
   | 'ERR_NATIVE_NOT_BUILT' // the native addon is missing: run `npx ppo-max build`
+  | 'ERR_INTERRUPTED' // stopped on request (Ctrl-C) after saving its state
   | 'ERR_INTERNAL'; // a bug in ppo-max
 
 export class PpoMaxError extends Error {

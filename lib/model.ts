@@ -582,13 +582,17 @@ export class Model {
    * A new model with a copy of this one's parameters (config included), trainable or
    * frozen; no gradients or optimizer state are copied. The reference of PPO is a frozen
    * clone of the SFT policy; PPO-max's critic a trainable clone of the reward model.
+   * `valueHead: true` on a model without a head adds one, zero-initialized (a reward model
+   * started from the SFT model, as in the paper); `false` drops it (an LM again).
    */
-  clone(options: { trainable?: boolean } = {}): Promise<Model> {
+  clone(options: { trainable?: boolean; valueHead?: boolean } = {}): Promise<Model> {
     const callSite = new Error();
     let trainable = true;
     return this.schedule(callSite, () => {
-      trainable = booleanOption('trainable', objectArgument('options', options).trainable, true);
-      return (handle) => native().modelClone(handle, { trainable });
+      const o = objectArgument('options', options);
+      trainable = booleanOption('trainable', o.trainable, true);
+      const valueHead = booleanOption('valueHead', o.valueHead, Boolean(this.config.valueHead));
+      return (handle) => native().modelClone(handle, { trainable, valueHead });
     }).then((made) => new Model(made, trainable));
   }
 

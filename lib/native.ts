@@ -88,7 +88,7 @@ export interface NativeAddon {
   modelCreate: (args: { config: NativeModelConfig; seed: number; device: 'cpu'; trainable: boolean }) => Promise<NativeNewModel>;
   modelLoad: (args: { dir: string; device: 'cpu'; trainable: boolean }) => Promise<NativeNewModel>;
   modelSave: (handle: NativeModelHandle, args: { dir: string }) => Promise<void>;
-  modelClone: (handle: NativeModelHandle, args: { trainable: boolean }) => Promise<NativeNewModel>;
+  modelClone: (handle: NativeModelHandle, args: { trainable: boolean; valueHead?: boolean }) => Promise<NativeNewModel>;
   modelForward: (handle: NativeModelHandle, args: object) => Promise<Record<string, unknown>>;
   modelBackward: (handle: NativeModelHandle, args: object) => Promise<void>;
   modelZeroGrad: (handle: NativeModelHandle) => Promise<void>;

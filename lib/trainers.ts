@@ -215,6 +215,67 @@ function gib(bytes: number): string {
 
 // ---- PPO --------------------------------------------------------------------------------------
 
+// ---- checkpoints of trainers -------------------------------------------------------------------
+
+/**
+ * Writes a trainer checkpoint directory atomically: `fill` writes into a temp directory
+ * beside it, trainer.json (written last, fsynced) marks it complete, and a rename swaps it
+ * in. An interrupted save leaves the previous checkpoint as it was.
+ */
+async function saveTrainerDirectory(dir: string, callSite: Error, fill: (tmp: string) => Promise<Record<string, unknown>>): Promise<void> {
+  if (typeof dir !== 'string' || dir === '') throw invalidArgument('dir', `dir must be a non-empty path, got ${describe(dir)}`);
+  const target = path.resolve(dir);
+  const tmp = `${target}.saving-${process.pid}-${Date.now()}`;
+  try {
+    fs.mkdirSync(tmp, { recursive: true });
+    const meta = await fill(tmp);
+    const metaPath = path.join(tmp, 'trainer.json');
+    fs.writeFileSync(metaPath, `${JSON.stringify({ format: 'ppo-max-trainer', version: 1, ...meta }, null, 2)}\n`);
+    const fd = fs.openSync(metaPath, 'r');
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    const old = `${target}.old-${process.pid}-${Date.now()}`;
+    const existed = fs.existsSync(target);
+    if (existed) fs.renameSync(target, old);
+    fs.renameSync(tmp, target);
+    if (existed) fs.rmSync(old, { recursive: true, force: true });
+  } catch (e) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw fromNative(e, callSite);
+  }
+}
+
+/** Reads trainer.json of a checkpoint of this kind ('ppo', 'sft', 'rewardModel'). */
+function readTrainerMeta<T>(dir: string, kind: string, callSite: Error): T & { step: number } {
+  const metaPath = path.join(dir, 'trainer.json');
+  if (!fs.existsSync(metaPath)) throw fromNative(new PpoMaxError('ERR_NOT_FOUND', `${metaPath}: no trainer checkpoint here`, 'dir'), callSite);
+  let meta: { format?: unknown; kind?: unknown; step?: unknown };
+  try {
+    meta = JSON.parse(fs.readFileSync(metaPath, 'utf8'));
+  } catch (e) {
+    throw fromNative(new PpoMaxError('ERR_CORRUPT_FILE', `${metaPath}: not valid JSON (${(e as Error).message})`, 'dir'), callSite);
+  }
+  if (meta.format !== 'ppo-max-trainer' || meta.kind !== kind || typeof meta.step !== 'number') {
+    throw fromNative(new PpoMaxError('ERR_CORRUPT_FILE', `${metaPath}: not a ppo-max ${kind} trainer checkpoint`, 'dir'), callSite);
+  }
+  return meta as T & { step: number };
+}
+
+/** Writes a model's AdamW moments; returns its optimizer step count. */
+async function saveOptimizerState(model: Model, file: string, callSite: Error): Promise<number> {
+  const r = await Model.exclusive([model], callSite, {}, () => (h: NativeModelHandle[]) => native().modelSaveOptimizer(h[0], { path: file }));
+  return r.steps;
+}
+
+async function loadOptimizerState(model: Model, file: string, steps: number, callSite: Error): Promise<void> {
+  await Model.exclusive([model], callSite, {}, () => (h: NativeModelHandle[]) => native().modelLoadOptimizer(h[0], { path: file, steps }));
+}
+
+/** Trainer options as saved: JSON values only (callbacks and log files are given again on resume). */
+function savedOptions(o: object): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(o).filter(([k, v]) => typeof v !== 'function' && k !== 'logFile'));
+}
+
 export interface PpoTrainerArgs {
   /** Trainable, initialized from the SFT model. */
   policy: Model;
@@ -570,23 +631,15 @@ export class PpoTrainer extends EventEmitter {
    */
   async save(dir: string): Promise<void> {
     const callSite = new Error();
-    if (typeof dir !== 'string' || dir === '') throw invalidArgument('dir', `dir must be a non-empty path, got ${describe(dir)}`);
-    const target = path.resolve(dir);
-    const tmp = `${target}.saving-${process.pid}-${Date.now()}`;
-    try {
-      fs.mkdirSync(tmp, { recursive: true });
+    await saveTrainerDirectory(dir, callSite, async (tmp) => {
       await this.policy.save(path.join(tmp, 'policy'));
       await this.reference.save(path.join(tmp, 'reference'));
       await this.critic.save(path.join(tmp, 'critic'));
       if (this.rewardModel) await this.rewardModel.save(path.join(tmp, 'reward'));
-      const optimizer = async (m: Model, file: string) =>
-        Model.exclusive([m], callSite, {}, () => (h: NativeModelHandle[]) => native().modelSaveOptimizer(h[0], { path: path.join(tmp, file) }));
-      const policySteps = (await optimizer(this.policy, 'policy.optimizer.safetensors')).steps;
-      const criticSteps = (await optimizer(this.critic, 'critic.optimizer.safetensors')).steps;
+      const policySteps = await saveOptimizerState(this.policy, path.join(tmp, 'policy.optimizer.safetensors'), callSite);
+      const criticSteps = await saveOptimizerState(this.critic, path.join(tmp, 'critic.optimizer.safetensors'), callSite);
       const state = await this.call(callSite, () => async (t) => native().ppoTrainerGetState(t));
-      const meta = {
-        format: 'ppo-max-trainer',
-        version: 1,
+      return {
         kind: 'ppo',
         step: this.steps,
         options: this.options,
@@ -595,20 +648,7 @@ export class PpoTrainer extends EventEmitter {
         monitor: this.monitor.state(),
         rewardModel: this.rewardModel !== null,
       };
-      const metaPath = path.join(tmp, 'trainer.json');
-      fs.writeFileSync(metaPath, `${JSON.stringify(meta, null, 2)}\n`);
-      const fd = fs.openSync(metaPath, 'r');
-      fs.fsyncSync(fd);
-      fs.closeSync(fd);
-      const old = `${target}.old-${process.pid}-${Date.now()}`;
-      const existed = fs.existsSync(target);
-      if (existed) fs.renameSync(target, old);
-      fs.renameSync(tmp, target);
-      if (existed) fs.rmSync(old, { recursive: true, force: true });
-    } catch (e) {
-      fs.rmSync(tmp, { recursive: true, force: true });
-      throw fromNative(e, callSite);
-    }
+    });
   }
 
   /**
@@ -621,28 +661,15 @@ export class PpoTrainer extends EventEmitter {
     args: Omit<PpoTrainerArgs, 'policy' | 'reference' | 'critic' | 'rewardModel' | 'options'> = {},
   ): Promise<PpoTrainer> {
     const callSite = new Error();
-    const metaPath = path.join(dir, 'trainer.json');
-    if (!fs.existsSync(metaPath)) throw fromNative(new PpoMaxError('ERR_NOT_FOUND', `${metaPath}: no trainer checkpoint here`, 'dir'), callSite);
-    let meta: {
-      format: string; kind: string; step: number; options: ResolvedPpoOptions; state: NativePpoState;
-      optimizerSteps: { policy: number; critic: number }; monitor: MonitorState; rewardModel: boolean;
-    };
-    try {
-      meta = JSON.parse(fs.readFileSync(metaPath, 'utf8'));
-    } catch (e) {
-      throw fromNative(new PpoMaxError('ERR_CORRUPT_FILE', `${metaPath}: not valid JSON (${(e as Error).message})`, 'dir'), callSite);
-    }
-    if (meta.format !== 'ppo-max-trainer' || meta.kind !== 'ppo') {
-      throw fromNative(new PpoMaxError('ERR_CORRUPT_FILE', `${metaPath}: not a ppo-max PPO trainer checkpoint`, 'dir'), callSite);
-    }
+    const meta = readTrainerMeta<{
+      options: ResolvedPpoOptions; state: NativePpoState; optimizerSteps: { policy: number; critic: number }; monitor: MonitorState; rewardModel: boolean;
+    }>(dir, 'ppo', callSite);
     const policy = await Model.load(path.join(dir, 'policy'));
     const reference = await Model.load(path.join(dir, 'reference'), { trainable: false });
     const critic = await Model.load(path.join(dir, 'critic'));
     const rewardModel = meta.rewardModel ? await Model.load(path.join(dir, 'reward'), { trainable: false }) : undefined;
-    const restoreOptimizer = (m: Model, file: string, steps: number) =>
-      Model.exclusive([m], callSite, {}, () => (h: NativeModelHandle[]) => native().modelLoadOptimizer(h[0], { path: path.join(dir, file), steps }));
-    await restoreOptimizer(policy, 'policy.optimizer.safetensors', meta.optimizerSteps.policy);
-    await restoreOptimizer(critic, 'critic.optimizer.safetensors', meta.optimizerSteps.critic);
+    await loadOptimizerState(policy, path.join(dir, 'policy.optimizer.safetensors'), meta.optimizerSteps.policy, callSite);
+    await loadOptimizerState(critic, path.join(dir, 'critic.optimizer.safetensors'), meta.optimizerSteps.critic, callSite);
     const options = { ...meta.options } as unknown as PpoOptions;
     const trainer = await PpoTrainer.create({ ...args, policy, reference, critic, rewardModel, options });
     try {
@@ -738,6 +765,35 @@ export class SftTrainer {
     return stats;
   }
 
+  /** The number of steps taken (restored by resume). */
+  get stepCount(): number {
+    return this.steps;
+  }
+
+  /**
+   * Saves the model, its AdamW moments and the step count (atomically), so that resume()
+   * continues as if never stopped.
+   */
+  save(dir: string): Promise<void> {
+    const callSite = new Error();
+    return saveTrainerDirectory(dir, callSite, async (tmp) => {
+      await this.model.save(path.join(tmp, 'model'));
+      const optimizerSteps = await saveOptimizerState(this.model, path.join(tmp, 'optimizer.safetensors'), callSite);
+      return { kind: 'sft', step: this.steps, options: savedOptions(this.o), optimizerSteps };
+    });
+  }
+
+  /** An SftTrainer from a save() directory (pass logFile/onStats again if wanted). */
+  static async resume(dir: string, args: Pick<SftOptions, 'logFile' | 'onStats'> = {}): Promise<SftTrainer> {
+    const callSite = new Error();
+    const meta = readTrainerMeta<{ options: SftOptions; optimizerSteps: number }>(dir, 'sft', callSite);
+    const model = await Model.load(path.join(dir, 'model'));
+    await loadOptimizerState(model, path.join(dir, 'optimizer.safetensors'), meta.optimizerSteps, callSite);
+    const trainer = SftTrainer.create(model, { ...meta.options, ...args });
+    trainer.steps = meta.step;
+    return trainer;
+  }
+
   /** The masked LM loss and perplexity on held-out examples (no gradient). */
   evaluate(examples: PromptResponse[]): Promise<Stats> {
     const { batch, mask } = this.prepare(examples);
@@ -811,6 +867,32 @@ export class RewardModelTrainer {
     if (this.log) this.log.write({ kind: 'rewardModel', time: new Date().toISOString(), step: this.steps, ...stats });
     this.o.onStats?.(stats, this.steps);
     return stats;
+  }
+
+  /** The number of steps taken (restored by resume). */
+  get stepCount(): number {
+    return this.steps;
+  }
+
+  /** Saves the model, its AdamW moments and the step count (atomically). */
+  save(dir: string): Promise<void> {
+    const callSite = new Error();
+    return saveTrainerDirectory(dir, callSite, async (tmp) => {
+      await this.model.save(path.join(tmp, 'model'));
+      const optimizerSteps = await saveOptimizerState(this.model, path.join(tmp, 'optimizer.safetensors'), callSite);
+      return { kind: 'rewardModel', step: this.steps, options: savedOptions(this.o), optimizerSteps };
+    });
+  }
+
+  /** A RewardModelTrainer from a save() directory. */
+  static async resume(dir: string, args: Pick<RewardModelOptions, 'logFile' | 'onStats'> = {}): Promise<RewardModelTrainer> {
+    const callSite = new Error();
+    const meta = readTrainerMeta<{ options: RewardModelOptions; optimizerSteps: number }>(dir, 'rewardModel', callSite);
+    const model = await Model.load(path.join(dir, 'model'));
+    await loadOptimizerState(model, path.join(dir, 'optimizer.safetensors'), meta.optimizerSteps, callSite);
+    const trainer = RewardModelTrainer.create(model, { ...meta.options, ...args });
+    trainer.steps = meta.step;
+    return trainer;
   }
 
   /** Pairwise accuracy and ranking loss on held-out pairs, with each pair's scores. */

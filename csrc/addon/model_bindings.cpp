@@ -114,20 +114,27 @@ Napi::Value ModelLoad(const Napi::CallbackInfo& info) {
       [state](Napi::Env env) { return describe_new_model(env, state); });
 }
 
-// modelClone(handle, {trainable}) -> Promise<{handle, config, parameterCount}>: a new model
-// with a copy of the parameters (no gradients, no optimizer state).
+// modelClone(handle, {trainable, valueHead?}) -> Promise<{handle, config, parameterCount}>:
+// a new model with a copy of the parameters (no gradients, no optimizer state).
+// valueHead true on a model without one appends a zero-initialized head (score.weight,
+// the last tensor of the layout: every score 0 until it is trained); false drops it.
 Napi::Value ModelClone(const Napi::CallbackInfo& info) {
   Lease lease(unwrap(info));
   Args a(info.Length() > 1 ? info[1] : info.Env().Undefined());
   model::ModelOptions options;
   options.trainable = a.flag("trainable", true);
   Model* source = lease.model();
+  const bool value_head = a.flag("valueHead", source->config().value_head);
   auto state = std::make_shared<ModelState>();
   return start(
       info.Env(), std::move(lease), KeepAlive(),
-      [state, source, options](const ModelWorker::Report&) {
+      [state, source, options, value_head](const ModelWorker::Report&) {
+        model::ModelConfig config = source->config();
         std::vector<float> params(source->params(), source->params() + source->parameter_count());
-        state->model = std::make_shared<Model>(source->config(), std::move(params), options);
+        if (value_head && !config.value_head) params.resize(params.size() + config.n_embd, 0.0f);
+        if (!value_head && config.value_head) params.resize(params.size() - config.n_embd);
+        config.value_head = value_head;
+        state->model = std::make_shared<Model>(config, std::move(params), options);
         snapshot_memory(*state, state->model.get());
       },
       [state](Napi::Env env) { return describe_new_model(env, state); });
