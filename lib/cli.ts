@@ -69,6 +69,11 @@ function optionsHelp(): string {
 ${rows.join('\n')}`;
 }
 
+/** A pipeline command's help with every option, or the general help. */
+function helpFor(command: string | undefined): string {
+  return command && PIPELINE_COMMANDS[command] ? `${PIPELINE_COMMANDS[command].help}\n\n${optionsHelp()}` : HELP;
+}
+
 type Flags = Record<string, (string | true)[]>;
 
 /** --key value pairs (repeatable), --flag alone for true; kebab-case keys become camelCase. */
@@ -327,7 +332,7 @@ export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   const log = (line: string) => console.log(line);
   if (command === 'help') {
-    console.log(rest[0] && PIPELINE_COMMANDS[rest[0]] ? `${PIPELINE_COMMANDS[rest[0]].help}\n\n${optionsHelp()}` : HELP);
+    console.log(helpFor(rest[0]));
     return EXIT.ok;
   }
   let flags: Flags;
@@ -338,7 +343,7 @@ export async function main(argv: string[]): Promise<number> {
     return EXIT.usage;
   }
   if (flags.help) {
-    console.log(command && PIPELINE_COMMANDS[command] ? `${PIPELINE_COMMANDS[command].help}\n\n${optionsHelp()}` : HELP);
+    console.log(helpFor(command));
     return EXIT.ok;
   }
   const interrupt = installInterrupt(log);

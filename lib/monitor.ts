@@ -4,6 +4,7 @@
  * collapsing) and for non-finite steps; a JSONL metrics log; a terminal progress bar.
  */
 import * as fs from 'fs';
+import * as path from 'path';
 
 export type AlarmKind = 'lengthToCap' | 'repetition' | 'klAccelerating' | 'entropyCollapse' | 'nonFinite';
 
@@ -115,6 +116,14 @@ export class AlarmMonitor {
 }
 
 /** Appends one JSON object per line (created with its directory's existence assumed). */
+/** Writes a file atomically: a temp file beside it, then rename (an interrupted write leaves the old file). */
+export function writeFileAtomic(file: string, text: string): void {
+  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
+  const tmp = `${file}.tmp-${process.pid}-${Date.now()}`;
+  fs.writeFileSync(tmp, text);
+  fs.renameSync(tmp, file);
+}
+
 export class JsonlLog {
   constructor(readonly path: string) {}
   write(record: Record<string, unknown>): void {

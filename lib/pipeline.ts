@@ -18,14 +18,14 @@ import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as path from 'path';
 
-import { loadCorpus, sentenceOpening, splitCorpus } from './corpus';
+import { Corpus, CorpusSplit, loadCorpus, sentenceOpening, splitCorpus } from './corpus';
 import { PpoMaxError } from './errors';
 import { SentimentLabeler } from './labeler';
 import { Model } from './model';
-import { ProgressBar } from './monitor';
+import { JsonlLog, ProgressBar, writeFileAtomic } from './monitor';
 import { PipelineConfig } from './pipeline-config';
 import { PpoOptions, ppoMax, ppoPtx, vanilla } from './ppo-options';
-import { mulberry32 } from './random';
+import { mulberry32, shuffleInPlace } from './random';
 import { readJsonl, writeReport } from './report';
 import { Tokenizer } from './tokenizer';
 import { Experience, PpoTrainer, PreferencePair, RewardModelTrainer, SftTrainer, Stats } from './trainers';
@@ -80,10 +80,7 @@ function hash(value: unknown): string {
 }
 
 function writeJson(file: string, value: unknown): void {
-  fs.mkdirSync(path.dirname(file), { recursive: true });
-  const tmp = `${file}.tmp-${process.pid}`;
-  fs.writeFileSync(tmp, `${JSON.stringify(value, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2)}\n`);
-  fs.renameSync(tmp, file);
+  writeFileAtomic(file, `${JSON.stringify(value, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2)}\n`);
 }
 
 export function readJson<T>(file: string): T {
@@ -95,8 +92,8 @@ export function readJson<T>(file: string): T {
   }
 }
 
-function appendJsonl(file: string, record: unknown): void {
-  fs.appendFileSync(file, `${JSON.stringify(record, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v))}\n`);
+function appendJsonl(file: string, record: object): void {
+  new JsonlLog(file).write(record as Record<string, unknown>);
 }
 
 /** Keeps the records of a JSONL log up to a step (a resumed stage rewrites what follows). */
@@ -134,6 +131,7 @@ export interface RunData {
 
 export class Pipeline {
   private data: RunData | null = null;
+  private split: { corpus: Corpus; split: CorpusSplit } | null = null;
   private readonly log: (line: string) => void;
   private readonly bar: ProgressBar | null;
   private readonly shouldStop: () => boolean;
@@ -213,8 +211,7 @@ export class Pipeline {
   async runData(): Promise<RunData> {
     if (this.data) return this.data;
     const c = this.config;
-    const corpus = loadCorpus(c.corpus);
-    const split = splitCorpus(corpus, { heldOutFraction: c.prompts.heldOutFraction, seed: c.seed });
+    const { split } = this.corpusSplit();
     this.need('tokenizer', 'sft');
     const tokenizer = Tokenizer.load(this.dir('tokenizer', 'tokenizer.json'));
     const eos = tokenizer.eosTokenId!;
@@ -237,10 +234,18 @@ export class Pipeline {
 
   // ---- stages ----------------------------------------------------------------------------------
 
+  /** The corpus and its seeded split (read once per Pipeline). */
+  private corpusSplit(): { corpus: Corpus; split: CorpusSplit } {
+    if (!this.split) {
+      const corpus = loadCorpus(this.config.corpus);
+      this.split = { corpus, split: splitCorpus(corpus, { heldOutFraction: this.config.prompts.heldOutFraction, seed: this.config.seed }) };
+    }
+    return this.split;
+  }
+
   private async tokenizerStage(): Promise<Record<string, unknown>> {
     const c = this.config;
-    const corpus = loadCorpus(c.corpus);
-    const split = splitCorpus(corpus, { heldOutFraction: c.prompts.heldOutFraction, seed: c.seed });
+    const { corpus, split } = this.corpusSplit();
     let tokenizer: Tokenizer;
     if (c.tokenizer) {
       tokenizer = Tokenizer.load(c.tokenizer);
@@ -316,15 +321,7 @@ export class Pipeline {
       this.log(`sft: ${model.parameterCount().toLocaleString('en-US')} parameters, ${encoded.length} sentences; held-out perplexity ${start.perplexity.toFixed(1)} at the start`);
     }
     // A seeded order per epoch; each step takes the next sentences that fill batchSize rows.
-    const orderFor = (epoch: number) => {
-      const rand = mulberry32((c.seed * 1000003 + epoch) >>> 0 || 1);
-      const order = encoded.map((_, i) => i);
-      for (let i = order.length - 1; i > 0; i--) {
-        const j = Math.floor(rand() * (i + 1));
-        [order[i], order[j]] = [order[j], order[i]];
-      }
-      return order;
-    };
+    const orderFor = (epoch: number) => shuffleInPlace(encoded.map((_, i) => i), mulberry32((c.seed * 1000003 + epoch) >>> 0 || 1));
     let epoch = Math.floor(cursor / encoded.length);
     let order = orderFor(epoch);
     const t0 = Date.now();
@@ -427,11 +424,7 @@ export class Pipeline {
     }
     await sft.dispose();
     // A seeded shuffle, then the held-out tail.
-    const rand = mulberry32((c.seed * 31337) >>> 0 || 1);
-    for (let i = pairs.length - 1; i > 0; i--) {
-      const j = Math.floor(rand() * (i + 1));
-      [pairs[i], pairs[j]] = [pairs[j], pairs[i]];
-    }
+    shuffleInPlace(pairs, mulberry32((c.seed * 31337) >>> 0 || 1));
     const heldOut = Math.max(1, Math.round(pairs.length * c.labels.heldOutFraction));
     if (pairs.length < 4) throw new PpoMaxError('ERR_INVALID_ARGUMENT', `labels: only ${pairs.length} of ${compared} comparisons had a preference; use more prompts (a larger corpus or labels.rounds)`, 'labels.rounds');
     const file = this.dir('labels', 'pairs.jsonl');
@@ -473,11 +466,7 @@ export class Pipeline {
     const start = await evaluate(0);
     const rand = mulberry32((c.seed * 48271) >>> 0 || 1);
     for (let epoch = 1; epoch <= c.rm.epochs; epoch++) {
-      const order = train.map((_, i) => i);
-      for (let i = order.length - 1; i > 0; i--) {
-        const j = Math.floor(rand() * (i + 1));
-        [order[i], order[j]] = [order[j], order[i]];
-      }
+      const order = shuffleInPlace(train.map((_, i) => i), rand);
       for (let i = 0; i < order.length; i += c.rm.batchSize) {
         if (this.shouldStop()) throw interrupted('rm (it restarts from the beginning: it is quick)');
         await trainer.step(order.slice(i, i + c.rm.batchSize).map((k) => train[k]));
@@ -543,12 +532,11 @@ export class Pipeline {
     const progressFile = this.dir(stage, 'progress.json');
     const logFile = this.dir(stage, 'log.jsonl');
     const evalFile = this.dir(stage, 'evals.jsonl');
-    const decode = (ids: Int32Array) => ids.join(' ');
     let trainer: PpoTrainer;
     let pretrain: Record<string, unknown> | null = null;
     const resumeFrom = fs.existsSync(progressFile) ? readJson<{ key: string; step: number; pretrain: Record<string, unknown> | null }>(progressFile) : null;
     if (resumeFrom && resumeFrom.key === this.keys[stage] && fs.existsSync(path.join(checkpoint, 'trainer.json'))) {
-      trainer = await PpoTrainer.resume(checkpoint, { progressBar: false, decode });
+      trainer = await PpoTrainer.resume(checkpoint, { progressBar: false });
       pretrain = resumeFrom.pretrain;
       truncateJsonl(logFile, trainer.state().step);
       truncateJsonl(evalFile, trainer.state().step);
@@ -558,7 +546,7 @@ export class Pipeline {
       fs.mkdirSync(this.dir(stage), { recursive: true });
       const policy = await Model.load(this.dir('sft', 'model'));
       const rewardModel = await Model.load(this.dir('rm', 'model'), { trainable: false });
-      trainer = await PpoTrainer.create({ policy, rewardModel, options: this.ppoOptions(preset), progressBar: false, decode });
+      trainer = await PpoTrainer.create({ policy, rewardModel, options: this.ppoOptions(preset), progressBar: false });
     }
     const save = async (step: number) => {
       await trainer.save(checkpoint);

@@ -9,6 +9,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 
+import { writeFileAtomic } from './monitor';
 import type { Pipeline, PolicyEvaluation, StageRecord } from './pipeline';
 
 /** The records of a JSON-lines file ([] when it does not exist). */
@@ -237,8 +238,7 @@ status.dataset.charts = made.length; status.dataset.points = points; status.data
 </body></html>
 `;
   const file = pipeline.dir('report.html');
-  fs.writeFileSync(`${file}.tmp`, html);
-  fs.renameSync(`${file}.tmp`, file);
+  writeFileAtomic(file, html);
   const evalSummary = (p: PresetRun) => (p.evals.length ? { start: { ...p.evals[0], samples: undefined }, end: { ...p.evals[p.evals.length - 1], samples: undefined } } : null);
   const summary = {
     config: c,
@@ -246,6 +246,6 @@ status.dataset.charts = made.length; status.dataset.points = points; status.data
     presets: Object.fromEntries(presets.map((p) => [p.name, { ...evalSummary(p), summary: p.record?.summary ?? null }])),
     findings: lines,
   };
-  fs.writeFileSync(pipeline.dir('summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
+  writeFileAtomic(pipeline.dir('summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
   return file;
 }

@@ -11,6 +11,7 @@ import * as os from 'os';
 import * as path from 'path';
 import * as hf from 'tokenizers';
 import { PpoMaxError, invalidArgument } from './errors';
+import { writeFileAtomic } from './monitor';
 
 export interface TrainTokenizerOptions {
   /** Total ids, the 256 byte tokens and the special tokens included (default 4096). */
@@ -37,13 +38,6 @@ export function byteLevelAlphabet(): string[] {
   let extra = 0;
   for (let b = 0; b < 256; b++) if (!printable.includes(b)) chars.push(String.fromCharCode(256 + extra++));
   return chars;
-}
-
-function atomicWrite(file: string, text: string): void {
-  const tmp = `${file}.tmp-${process.pid}-${Date.now()}`;
-  fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
-  fs.writeFileSync(tmp, text);
-  fs.renameSync(tmp, file);
 }
 
 export class Tokenizer {
@@ -203,7 +197,7 @@ export class Tokenizer {
 
   /** Writes tokenizer.json atomically (a temp file, then rename). */
   save(file: string): void {
-    atomicWrite(file, this.json);
+    writeFileAtomic(file, this.json);
   }
 
   private checkIds(ids: ArrayLike<number>, what: string): number[] {

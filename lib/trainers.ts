@@ -271,6 +271,25 @@ async function loadOptimizerState(model: Model, file: string, steps: number, cal
   await Model.exclusive([model], callSite, {}, () => (h: NativeModelHandle[]) => native().modelLoadOptimizer(h[0], { path: file, steps }));
 }
 
+/** Saves a one-model trainer (SFT, reward model): the model, its AdamW moments, step count and options. */
+function saveModelTrainer(dir: string, kind: string, model: Model, step: number, options: object): Promise<void> {
+  const callSite = new Error();
+  return saveTrainerDirectory(dir, callSite, async (tmp) => {
+    await model.save(path.join(tmp, 'model'));
+    const optimizerSteps = await saveOptimizerState(model, path.join(tmp, 'optimizer.safetensors'), callSite);
+    return { kind, step, options: savedOptions(options), optimizerSteps };
+  });
+}
+
+/** Loads what saveModelTrainer wrote: the model with its optimizer state, the saved options and step. */
+async function loadModelTrainer<O>(dir: string, kind: string): Promise<{ model: Model; options: O; step: number }> {
+  const callSite = new Error();
+  const meta = readTrainerMeta<{ options: O; optimizerSteps: number }>(dir, kind, callSite);
+  const model = await Model.load(path.join(dir, 'model'));
+  await loadOptimizerState(model, path.join(dir, 'optimizer.safetensors'), meta.optimizerSteps, callSite);
+  return { model, options: meta.options, step: meta.step };
+}
+
 /** Trainer options as saved: JSON values only (callbacks and log files are given again on resume). */
 function savedOptions(o: object): Record<string, unknown> {
   return Object.fromEntries(Object.entries(o).filter(([k, v]) => typeof v !== 'function' && k !== 'logFile'));
@@ -775,22 +794,14 @@ export class SftTrainer {
    * continues as if never stopped.
    */
   save(dir: string): Promise<void> {
-    const callSite = new Error();
-    return saveTrainerDirectory(dir, callSite, async (tmp) => {
-      await this.model.save(path.join(tmp, 'model'));
-      const optimizerSteps = await saveOptimizerState(this.model, path.join(tmp, 'optimizer.safetensors'), callSite);
-      return { kind: 'sft', step: this.steps, options: savedOptions(this.o), optimizerSteps };
-    });
+    return saveModelTrainer(dir, 'sft', this.model, this.steps, this.o);
   }
 
   /** An SftTrainer from a save() directory (pass logFile/onStats again if wanted). */
   static async resume(dir: string, args: Pick<SftOptions, 'logFile' | 'onStats'> = {}): Promise<SftTrainer> {
-    const callSite = new Error();
-    const meta = readTrainerMeta<{ options: SftOptions; optimizerSteps: number }>(dir, 'sft', callSite);
-    const model = await Model.load(path.join(dir, 'model'));
-    await loadOptimizerState(model, path.join(dir, 'optimizer.safetensors'), meta.optimizerSteps, callSite);
-    const trainer = SftTrainer.create(model, { ...meta.options, ...args });
-    trainer.steps = meta.step;
+    const saved = await loadModelTrainer<SftOptions>(dir, 'sft');
+    const trainer = SftTrainer.create(saved.model, { ...saved.options, ...args });
+    trainer.steps = saved.step;
     return trainer;
   }
 
@@ -876,22 +887,14 @@ export class RewardModelTrainer {
 
   /** Saves the model, its AdamW moments and the step count (atomically). */
   save(dir: string): Promise<void> {
-    const callSite = new Error();
-    return saveTrainerDirectory(dir, callSite, async (tmp) => {
-      await this.model.save(path.join(tmp, 'model'));
-      const optimizerSteps = await saveOptimizerState(this.model, path.join(tmp, 'optimizer.safetensors'), callSite);
-      return { kind: 'rewardModel', step: this.steps, options: savedOptions(this.o), optimizerSteps };
-    });
+    return saveModelTrainer(dir, 'rewardModel', this.model, this.steps, this.o);
   }
 
   /** A RewardModelTrainer from a save() directory. */
   static async resume(dir: string, args: Pick<RewardModelOptions, 'logFile' | 'onStats'> = {}): Promise<RewardModelTrainer> {
-    const callSite = new Error();
-    const meta = readTrainerMeta<{ options: RewardModelOptions; optimizerSteps: number }>(dir, 'rewardModel', callSite);
-    const model = await Model.load(path.join(dir, 'model'));
-    await loadOptimizerState(model, path.join(dir, 'optimizer.safetensors'), meta.optimizerSteps, callSite);
-    const trainer = RewardModelTrainer.create(model, { ...meta.options, ...args });
-    trainer.steps = meta.step;
+    const saved = await loadModelTrainer<RewardModelOptions>(dir, 'rewardModel');
+    const trainer = RewardModelTrainer.create(saved.model, { ...saved.options, ...args });
+    trainer.steps = saved.step;
     return trainer;
   }
 
