@@ -12,6 +12,7 @@
         "csrc/cpu/advantages.cpp",
         "csrc/cpu/attention.cpp",
         "csrc/cpu/backend.cpp",
+        "csrc/cpu/engine_ops.cpp",
         "csrc/cpu/layers.cpp",
         "csrc/cpu/logprobs.cpp",
         "csrc/cpu/losses.cpp",

@@ -2,7 +2,7 @@
 """The PyTorch yardstick of the GPT-2 engine: the same model in float32 (idiomatic torch.nn:
 nn.Linear, nn.LayerNorm, nn.GELU(approximate="tanh"), tied LM head, nanoGPT-style attention
 with matmul + masked softmax since torch 1.13 has no scaled_dot_product_attention),
-timed on the CPU like bench/cpp/bench_model.cpp times ours:
+timed on the CPU (or, with --device cuda, the GPU) like bench/cpp/bench_model.cpp times ours:
 
   * one training step: forward, LM loss (mean next-token cross-entropy; the LM head runs on
     the batch * (steps - 1) positions that have a next token, as our engine does), backward,
@@ -13,7 +13,20 @@ timed on the CPU like bench/cpp/bench_model.cpp times ours:
 
 Configs: small (6 layers, width 384, 6 heads, vocab 8192, context 256; train batch 8 x 128,
 generation batch 8) and gpt2 (GPT-2 124M: 12/768/12, vocab 50257, context 1024; train
-batch 4 x 64, generation batch 4). Times are medians of --runs runs after one warm-up.
+batch 4 x 64, generation batch 4); and GPT-2 124M at GPU batches, as bench_model's: gpt2-512
+(train 8 x 512, generation batch 8) and gpt2-1024 (train 8 x 1024, generation batch 64).
+--config all: small and gpt2 on the CPU, all four on CUDA. --gen-batch N overrides the
+generation batch. Times are medians of --runs runs after one warm-up.
+
+--device cuda (the GPU yardstick; the CPU behaviour is unchanged without it): the model and
+data on the GPU, torch.cuda.synchronize() before and after each timed run. The main figures
+are float32 with TF32 matmuls enabled (torch.backends.cuda.matmul.allow_tf32, the fair
+comparison to our TF32 tensor-core kernel); --bf16 adds a second set under
+torch.autocast(bfloat16) (float32 master weights, caches in bfloat16). Attention on CUDA is
+F.scaled_dot_product_attention(is_causal=True) when torch has it (--attention matmul: the
+CPU's matmul + masked softmax), pinned to the first backend that runs forward and backward
+on this dtype, in torch's priority order: flash (bfloat16 only), memory-efficient, math; the
+header and the JSON name it. AdamW on CUDA is torch's fused implementation when available.
 
 FLOPs (printed): forward = 2 * tokens * (12 * L * C^2 + C * V) + 4 * L * B * T^2 * C,
 i.e. the dense layers and the LM head (2 FLOPs per multiply-add), plus the two attention
@@ -21,7 +34,9 @@ products (q k^T and att v) counted as full T x T squares although causal attenti
 only half; a training step = 3 x forward. Biases, LayerNorm, GELU, softmax and AdamW are
 not counted; tokens = B * T also for the LM head (which runs on B * (T - 1) rows).
 
-    /usr/bin/python3 bench/model_torch.py [--config small|gpt2|all] [--threads N] [--runs R] [--json]
+    /usr/bin/python3 bench/model_torch.py [--device cpu|cuda] [--config small|gpt2|gpt2-512|gpt2-1024|all]
+                                          [--threads N] [--runs R] [--gen-batch N] [--json]
+                                          [--bf16] [--attention auto|sdpa|matmul]
 
 --threads sets torch.set_num_threads and, before torch is imported, OMP_NUM_THREADS and
 OPENBLAS_NUM_THREADS (default: the CPUs this process may run on). --json prints one
@@ -34,21 +49,30 @@ rate; run with LD_LIBRARY_PATH pointing at an OpenBLAS libblas.so.3 directory (e
 /usr/lib/x86_64-linux-gnu/openblas-pthread) for a fair yardstick.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
+import warnings
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--config", default="all", choices=["small", "gpt2", "all"])
+parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+parser.add_argument("--config", default="all", choices=["small", "gpt2", "gpt2-512", "gpt2-1024", "all"])
 parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
 parser.add_argument("--runs", type=int, default=0,
                     help="timed runs per measurement (default: 5 for small, 3 for gpt2)")
 parser.add_argument("--json", action="store_true", help="also print one JSON line")
 parser.add_argument("--skip-generate", action="store_true")
 parser.add_argument("--skip-train", action="store_true")
+parser.add_argument("--gen-batch", type=int, default=0, help="override the generation batch")
+parser.add_argument("--bf16", action="store_true",
+                    help="cuda: also time a bfloat16 autocast run (a second line per config)")
+parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "matmul"],
+                    help="auto: scaled_dot_product_attention on cuda when available, else "
+                         "matmul + masked softmax (always on the CPU)")
 args = parser.parse_args()
 
 os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -68,6 +92,16 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 torch.set_num_threads(args.threads)
+DEVICE = torch.device(args.device)
+CUDA = args.device == "cuda"
+if CUDA:
+    if not torch.cuda.is_available():
+        print("model_torch.py: --device cuda, but torch.cuda.is_available() is False: skipped",
+              file=sys.stderr)
+        sys.exit(77)
+    # float32 with TF32 tensor-core matmuls: the fair comparison to our TF32 kernel.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 CONFIGS = {
     # n_layer, n_embd, n_head, vocab, n_positions, train (batch, steps), gen batch
@@ -75,6 +109,10 @@ CONFIGS = {
                   train_batch=8, train_steps=128, gen_batch=8, runs=5),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
                  train_batch=4, train_steps=64, gen_batch=4, runs=3),
+    "gpt2-512": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
+                     train_batch=8, train_steps=512, gen_batch=8, runs=3),
+    "gpt2-1024": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
+                      train_batch=8, train_steps=1024, gen_batch=64, runs=3),
 }
 PROMPT_TOKENS, NEW_TOKENS = 16, 64
 
@@ -82,6 +120,8 @@ PROMPT_TOKENS, NEW_TOKENS = 16, 64
 # ---- the model ------------------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
+    use_sdpa = False  # set by main() on CUDA: F.scaled_dot_product_attention
+
     def __init__(self, n_embd, n_head, n_positions):
         super().__init__()
         self.n_head, self.n_embd = n_head, n_embd
@@ -104,6 +144,11 @@ class CausalSelfAttention(nn.Module):
             kc[:, :, pos:pos + T] = k
             vc[:, :, pos:pos + T] = v
             k, v = kc[:, :, :pos + T], vc[:, :, :pos + T]
+        if self.use_sdpa and (T == 1 or pos == 0):
+            # is_causal aligns the mask top-left: right for a prompt from position 0 and
+            # not needed for one new query (it sees every cached position).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # [B, H, T, pos + T]
         if T > 1:  # one new query sees every cached position: no mask needed
             att = att.masked_fill(~self.causal[:, :, pos:pos + T, :pos + T], float("-inf"))
@@ -155,7 +200,7 @@ class GPT(nn.Module):
 
     def hidden(self, idx, caches=None, pos=0):
         T = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(pos, pos + T))
+        x = self.wte(idx) + self.wpe(torch.arange(pos, pos + T, device=idx.device))
         for l, block in enumerate(self.h):
             x = block(x, None if caches is None else caches[l], pos)
         return self.ln_f(x)
@@ -169,13 +214,15 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
 
     @torch.inference_mode()
-    def generate_greedy(self, prompt, new_tokens):
+    def generate_greedy(self, prompt, new_tokens, cache_dtype=torch.float32):
         B, T0 = prompt.shape
         hs = self.n_embd // self.n_head
-        caches = [(torch.empty(B, self.n_head, T0 + new_tokens, hs),
-                   torch.empty(B, self.n_head, T0 + new_tokens, hs)) for _ in range(self.n_layer)]
-        out = torch.empty(B, new_tokens, dtype=torch.long)
-        logprobs = torch.empty(B, new_tokens)
+        dev = prompt.device
+        caches = [(torch.empty(B, self.n_head, T0 + new_tokens, hs, dtype=cache_dtype, device=dev),
+                   torch.empty(B, self.n_head, T0 + new_tokens, hs, dtype=cache_dtype, device=dev))
+                  for _ in range(self.n_layer)]
+        out = torch.empty(B, new_tokens, dtype=torch.long, device=dev)
+        logprobs = torch.empty(B, new_tokens, device=dev)
         h = self.hidden(prompt, caches, 0)[:, -1]  # prefill; only the last position's logits
         pos = T0
         for i in range(new_tokens):
@@ -195,12 +242,20 @@ def forward_flops(L, C, V, B, T):
     return 2.0 * B * T * (12 * L * C * C + C * V) + 4.0 * L * B * T * T * C
 
 
+def sync():
+    """Waits for the GPU's queued work (CUDA); nothing on the CPU."""
+    if CUDA:
+        torch.cuda.synchronize()
+
+
 def median_ms(fn, runs):
     fn()  # warm-up
     times = []
     for _ in range(runs):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), min(times)
 
@@ -222,21 +277,79 @@ def sgemm_probe():
     return 2.0 * 256 * 768 * 2304 / (ms * 1e6)
 
 
-def bench_config(name, cfg, runs):
+def tf32_probe():
+    """TFLOP/s of one float32 (TF32) torch matmul on the GPU: [8192, 768] x [768, 2304]."""
+    a = torch.randn(8192, 768, device=DEVICE)
+    b = torch.randn(768, 2304, device=DEVICE)
+    ms, _ = median_ms(lambda: torch.mm(a, b), 20)
+    return 2.0 * 8192 * 768 * 2304 / (ms * 1e9)
+
+
+SDPA_BACKENDS = [("flash", "FLASH_ATTENTION", "enable_flash"),
+                 ("efficient", "EFFICIENT_ATTENTION", "enable_mem_efficient"),
+                 ("math", "MATH", "enable_math")]
+
+
+def sdpa_context(name):
+    """A context manager factory that restricts scaled_dot_product_attention to one backend."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3
+        backend = getattr(SDPBackend, dict((n, e) for n, e, _ in SDPA_BACKENDS)[name])
+        return lambda: sdpa_kernel([backend])
+    except ImportError:  # torch 2.0 - 2.2
+        flags = {flag: n == name for n, _, flag in SDPA_BACKENDS}
+        return lambda: torch.backends.cuda.sdp_kernel(**flags)
+
+
+def pick_attention(dtype, n_head, head_size):
+    """(label, context factory) of the attention the model runs with for `dtype` on CUDA:
+    the first SDPA backend (torch's priority order) that runs a causal forward + backward and
+    a one-query decoding step at this head size; the matmul path when SDPA is absent or off."""
+    if args.attention == "matmul" or not hasattr(F, "scaled_dot_product_attention"):
+        return "matmul+masked softmax", contextlib.nullcontext
+    for name, _, _ in SDPA_BACKENDS:
+        try:
+            ctx = sdpa_context(name)
+            q, k, v = (torch.randn(2, n_head, 64, head_size, device=DEVICE, dtype=dtype,
+                                   requires_grad=True) for _ in range(3))
+            with warnings.catch_warnings(), ctx():
+                warnings.simplefilter("ignore")
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :17], v[:, :, :17])
+            sync()
+            return f"sdpa:{name}", ctx
+        except (RuntimeError, AttributeError, KeyError):
+            continue
+    return "sdpa (torch's choice)", contextlib.nullcontext
+
+
+def bench_config(name, cfg, runs, bf16=False):
     torch.manual_seed(0)
     L, C, H, V, P = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"], cfg["n_positions"]
-    model = GPT(L, C, H, V, P)
+    model = GPT(L, C, H, V, P).to(DEVICE)
     n_params = sum(p.numel() for p in model.parameters())
     res = {"n_layer": L, "n_embd": C, "n_head": H, "vocab_size": V, "n_positions": P,
            "params": n_params, "runs": runs}
+    # bfloat16 autocast (CUDA, --bf16) around the forward passes; float32 otherwise.
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if not args.skip_train:
         B, T = cfg["train_batch"], cfg["train_steps"]
-        idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=0.0)
+        idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        adamw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        opt = None
+        if CUDA:
+            try:
+                opt = torch.optim.AdamW(model.parameters(), fused=True, **adamw)
+                res["adamw"] = "fused"
+            except (TypeError, RuntimeError, ValueError):
+                opt = None
+        if opt is None:
+            opt = torch.optim.AdamW(model.parameters(), **adamw)
 
         def train_step():
-            loss = model.lm_loss(idx)
+            with amp():
+                loss = model.lm_loss(idx)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -251,28 +364,23 @@ def bench_config(name, cfg, runs):
     if not args.skip_generate:
         model.zero_grad(set_to_none=True)
         Bg = cfg["gen_batch"]
-        prompt = torch.randint(0, V, (Bg, PROMPT_TOKENS), generator=torch.Generator().manual_seed(2))
-        ms, best = median_ms(lambda: model.generate_greedy(prompt, NEW_TOKENS), runs)
+        prompt = torch.randint(0, V, (Bg, PROMPT_TOKENS), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        cache_dtype = torch.bfloat16 if bf16 else torch.float32
+
+        def generate():
+            with amp():
+                return model.generate_greedy(prompt, NEW_TOKENS, cache_dtype)
+
+        ms, best = median_ms(generate, runs)
         res.update({"gen_batch": Bg, "gen_prompt": PROMPT_TOKENS, "gen_new_tokens": NEW_TOKENS,
                     "gen_ms": ms, "gen_best_ms": best,
                     "gen_tokens_per_s": Bg * NEW_TOKENS / (ms * 1e-3)})
     return res
 
 
-def main():
-    names = ["small", "gpt2"] if args.config == "all" else [args.config]
-    blas = loaded_blas()
-    probe = sgemm_probe()
-    print(f"PyTorch {torch.__version__} float32 CPU  threads={torch.get_num_threads()}  "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}  blas={blas}  sgemm probe [256x768]x[768x2304]: {probe:.1f} GFLOP/s")
-    print("FLOPs: forward = 2*B*T*(12*L*C^2 + C*V) + 4*L*B*T^2*C (attention products counted "
-          "as full TxT, not causal halves); train step = 3 x forward")
-    results = {}
-    for name in names:
-        cfg = CONFIGS[name]
-        runs = args.runs if args.runs > 0 else cfg["runs"]
-        results[name] = bench_config(name, cfg, runs)
-    hdr = (f"{'config':<7} {'params':>11} {'train B x T':>11} {'step ms':>10} {'tok/s':>9} "
+def print_table(results):
+    w = max([7] + [len(name) for name in results])
+    hdr = (f"{'config':<{w}} {'params':>11} {'train B x T':>11} {'step ms':>10} {'tok/s':>9} "
            f"{'GFLOP/s':>8} {'gen B':>6} {'gen ms':>10} {'gen tok/s':>10}")
     print(hdr)
     for name, r in results.items():
@@ -281,7 +389,63 @@ def main():
               if "train_step_ms" in r else f"{'-':>11} {'-':>10} {'-':>9} {'-':>8}")
         ge = (f"{r['gen_batch']:>6} {r['gen_ms']:>10.1f} {r['gen_tokens_per_s']:>10.1f}"
               if "gen_ms" in r else f"{'-':>6} {'-':>10} {'-':>10}")
-        print(f"{name:<7} {r['params']:>11,} {tr} {ge}")
+        print(f"{name:<{w}} {r['params']:>11,} {tr} {ge}")
+
+
+def run_configs(names, bf16=False):
+    results = {}
+    for name in names:
+        cfg = dict(CONFIGS[name])
+        if args.gen_batch > 0:
+            cfg["gen_batch"] = args.gen_batch
+        runs = args.runs if args.runs > 0 else cfg["runs"]
+        results[name] = bench_config(name, cfg, runs, bf16)
+        if CUDA:
+            torch.cuda.empty_cache()
+    return results
+
+
+def main_cuda(names):
+    gpu = torch.cuda.get_device_name(0)
+    # GPT-2's head size is 64 in every config.
+    att, att_ctx = pick_attention(torch.float32, 12, 64)
+    CausalSelfAttention.use_sdpa = att.startswith("sdpa")
+    probe = tf32_probe()
+    print(f"PyTorch {torch.__version__} CUDA {torch.version.cuda}  device={gpu}  "
+          f"tf32 matmul probe [8192x768]x[768x2304]: {probe:.1f} TFLOP/s")
+    print("FLOPs: forward = 2*B*T*(12*L*C^2 + C*V) + 4*L*B*T^2*C (attention products counted "
+          "as full TxT, not causal halves); train step = 3 x forward")
+    print(f"-- float32 with TF32 matmuls (allow_tf32)  attention={att}")
+    with att_ctx():
+        results = run_configs(names)
+    print_table(results)
+    out = {"impl": "torch", "version": torch.__version__, "device": "cuda", "gpu": gpu,
+           "cuda": torch.version.cuda, "precision": "float32+tf32", "attention": att,
+           "tf32_probe_tflops_per_s": probe, "configs": results}
+    if args.bf16:
+        att16, att16_ctx = pick_attention(torch.bfloat16, 12, 64)
+        CausalSelfAttention.use_sdpa = att16.startswith("sdpa")
+        print(f"-- bfloat16 autocast (float32 weights and AdamW)  attention={att16}")
+        with att16_ctx():
+            results16 = run_configs(names, bf16=True)
+        print_table(results16)
+        out.update({"attention_bf16": att16, "configs_bf16": results16})
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+
+
+def main():
+    if CUDA:
+        return main_cuda(list(CONFIGS) if args.config == "all" else [args.config])
+    names = ["small", "gpt2"] if args.config == "all" else [args.config]
+    blas = loaded_blas()
+    probe = sgemm_probe()
+    print(f"PyTorch {torch.__version__} float32 CPU  threads={torch.get_num_threads()}  "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}  blas={blas}  sgemm probe [256x768]x[768x2304]: {probe:.1f} GFLOP/s")
+    print("FLOPs: forward = 2*B*T*(12*L*C^2 + C*V) + 4*L*B*T^2*C (attention products counted "
+          "as full TxT, not causal halves); train step = 3 x forward")
+    results = run_configs(names)
+    print_table(results)
     if args.json:
         print(json.dumps({"impl": "torch", "version": torch.__version__,
                           "threads": torch.get_num_threads(), "blas": blas,

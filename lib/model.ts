@@ -11,7 +11,7 @@
  * `Promise.all([m.forward(a), m.step(o)])` is safe. Inputs are validated and copied when
  * the method is called: the caller may reuse its arrays at once.
  */
-import { Device } from './device';
+import { Device, resolveDevice } from './device';
 import { ErrorCode, PpoMaxError, fromNative, invalidArgument, outOfRange, shapeMismatch } from './errors';
 import { NativeModelConfig, NativeModelHandle, NativeModelMemory, NativeNewModel, native } from './native';
 import { booleanOption, describe, float32, isArrayLike, numberOption, objectArgument, positiveInteger } from './validate';
@@ -40,13 +40,17 @@ export interface GPT2Config {
   eosTokenId?: number;
 }
 
-/** Where the engine runs: the CPU in this release. */
-export type ModelDevice = 'cpu';
+/** Where a model runs (resolved: never 'auto'). */
+export type ModelDevice = 'cpu' | 'cuda';
 
 export interface CreateModelOptions {
   /** Seeds the initialization: same seed, same weights (default 0). */
   seed?: number;
-  /** 'cpu' or 'auto' (the CPU); 'cuda' is refused in this release (ERR_CUDA_UNAVAILABLE). */
+  /**
+   * 'auto' (the default: CUDA when it can be used, else the CPU), 'cpu' or 'cuda'
+   * (ERR_CUDA_UNAVAILABLE, with the reason, when it cannot run). Parameters, gradients,
+   * optimizer state, activations and the KV cache live on that device.
+   */
   device?: Device;
   /** false: a frozen model (reference, reward model): no gradients, no optimizer (default true). */
   trainable?: boolean;
@@ -203,20 +207,11 @@ const MODEL_ARGUMENT_NAMES: Record<string, string> = {
 };
 
 /**
- * The one rule for where the engine runs: this release's transformer engine is
- * CPU-only, so 'auto' means the CPU and 'cuda' is refused with the reason.
+ * Where a model runs: the same rule as the kernels' (resolveDevice): 'auto' is CUDA when
+ * it can be used, else the CPU; 'cuda' that cannot run is ERR_CUDA_UNAVAILABLE.
  */
 export function resolveModelDevice(device: unknown): ModelDevice {
-  if (device === undefined || device === 'auto' || device === 'cpu') return 'cpu';
-  if (device === 'cuda') {
-    throw new PpoMaxError(
-      'ERR_CUDA_UNAVAILABLE',
-      "device 'cuda' was requested for a Model, but the transformer engine's CUDA backend is not in " +
-        "this release: models run on the CPU (use device 'cpu' or 'auto'). The RLHF kernels " +
-        '(logprobsFromLogits, gae, policyLoss, ...) do run on CUDA.',
-      'device',
-    );
-  }
+  if (device === undefined || device === 'auto' || device === 'cpu' || device === 'cuda') return resolveDevice(device);
   throw invalidArgument('device', `device must be 'cpu', 'cuda' or 'auto', got ${describe(device)}`);
 }
 
@@ -488,8 +483,8 @@ const noop = (): void => undefined;
 export class Model {
   /** The model's hyperparameters, every field filled in. */
   readonly config: Readonly<Required<GPT2Config>>;
-  /** Where it runs: the CPU in this release. */
-  readonly device: ModelDevice = 'cpu';
+  /** Where it runs (a clone runs where its source does). */
+  readonly device: ModelDevice;
   /** false for a frozen model: backward and step are refused. */
   readonly trainable: boolean;
 
@@ -507,6 +502,7 @@ export class Model {
     this.handle = made.handle;
     this.config = Object.freeze({ ...made.config });
     this.count = made.parameterCount;
+    this.device = made.device;
     this.trainable = trainable;
   }
 

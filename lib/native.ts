@@ -39,6 +39,7 @@ export interface NativeNewModel {
   handle: NativeModelHandle;
   config: NativeModelConfig;
   parameterCount: number;
+  device: 'cpu' | 'cuda';
 }
 
 export interface NativeModelMemory {
@@ -85,8 +86,8 @@ export interface NativeAddon {
   valueLoss(args: object, async: boolean): unknown;
   // Property syntax (not methods) so that these never match NativeOpName in call.ts.
   modelParameterCount: (config: NativeModelConfig) => number;
-  modelCreate: (args: { config: NativeModelConfig; seed: number; device: 'cpu'; trainable: boolean }) => Promise<NativeNewModel>;
-  modelLoad: (args: { dir: string; device: 'cpu'; trainable: boolean }) => Promise<NativeNewModel>;
+  modelCreate: (args: { config: NativeModelConfig; seed: number; device: 'cpu' | 'cuda'; trainable: boolean }) => Promise<NativeNewModel>;
+  modelLoad: (args: { dir: string; device: 'cpu' | 'cuda'; trainable: boolean }) => Promise<NativeNewModel>;
   modelSave: (handle: NativeModelHandle, args: { dir: string }) => Promise<void>;
   modelClone: (handle: NativeModelHandle, args: { trainable: boolean; valueHead?: boolean }) => Promise<NativeNewModel>;
   modelForward: (handle: NativeModelHandle, args: object) => Promise<Record<string, unknown>>;

@@ -179,6 +179,8 @@ export function estimatePpoMemory(args: {
   reward?: GPT2Config | null;
   options?: Partial<PpoOptions>;
   maxPromptLength: number;
+  /** Where the models run (default 'cpu'): CUDA keeps less for attention's backward. */
+  device?: 'cpu' | 'cuda';
 }): TrainerMemoryEstimate {
   const a = objectArgument('args', args) as unknown as typeof args;
   const o = resolvePpoOptions(a.options ?? {});
@@ -195,6 +197,7 @@ export function estimatePpoMemory(args: {
       steps: trainable ? T : 0,
       generateBatch: rows,
       generateSteps: T,
+      device: a.device === 'cuda' ? 'cuda' : 'cpu',
     });
     return generates ? m : { ...m, kvCache: 0 };
   };
@@ -420,6 +423,7 @@ export class PpoTrainer extends EventEmitter {
         reward: a.rewardModel?.config ?? null,
         options: { ...a.options },
         maxPromptLength: Math.max(1, a.policy.config.nPositions - options.maxNewTokens),
+        device: a.policy.device,
       });
       const limit = a.memoryLimit === undefined ? os.totalmem() : numberOption('memoryLimit', a.memoryLimit, 0, { min: 0 });
       if (estimate.total > limit) {

@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from '@jest/globals';
 
-import { GPT2Config, Model, TokenBatch } from '../lib';
+import { GPT2Config, Model, TokenBatch, cudaAvailable } from '../lib';
 import { native } from '../lib/native';
 import { expectBitEqual, expectClose, expectRejects, expectThrows } from './helpers';
 import { Rng } from './reference';
@@ -51,14 +51,18 @@ describe('validation', () => {
     expectThrows(() => Model.parameterCount({ ...TINY, nEmbd: 15 }), { code: 'ERR_INVALID_ARGUMENT', argument: 'config.nHead' });
   });
 
-  test("device 'cuda' is refused (the engine is CPU-only in this release); 'auto' means the CPU", async () => {
-    const e = await expectRejects(() => Model.create(TINY, { device: 'cuda' }), { code: 'ERR_CUDA_UNAVAILABLE', argument: 'device' });
-    expect(e.message).toMatch(/CUDA backend is not in this release/);
-    expect(e.message).toMatch(/RLHF kernels .* do run on CUDA/);
-    await expectRejects(() => Model.load('/nonexistent', { device: 'cuda' }), { code: 'ERR_CUDA_UNAVAILABLE' });
+  test("device: 'cpu' always; 'auto' is CUDA when usable; 'cuda' without a usable GPU rejects with the reason", async () => {
+    const cpu = await Model.create(TINY, { device: 'cpu' });
+    expect(cpu.device).toBe('cpu');
+    const clone = await cpu.clone();
+    expect(clone.device).toBe('cpu');
     const auto = await Model.create(TINY, { device: 'auto' });
-    expect(auto.device).toBe('cpu');
-    await auto.dispose();
+    expect(auto.device).toBe(cudaAvailable() ? 'cuda' : 'cpu');
+    await Promise.all([cpu.dispose(), clone.dispose(), auto.dispose()]);
+    if (cudaAvailable()) return;
+    const e = await expectRejects(() => Model.create(TINY, { device: 'cuda' }), { code: 'ERR_CUDA_UNAVAILABLE', argument: 'device' });
+    expect(e.message).toContain(native().cudaUnavailableReason());
+    await expectRejects(() => Model.load('/nonexistent', { device: 'cuda' }), { code: 'ERR_CUDA_UNAVAILABLE' });
   });
 
   test('token batches: shapes, ranges, lengths, the context length', async () => {

@@ -1,5 +1,5 @@
-// Benchmark of the GPT-2 engine (model/gpt.h) on the CPU, the same measurements as the
-// PyTorch yardstick bench/model_torch.py:
+// Benchmark of the GPT-2 engine (model/gpt.h) on the CPU (default) or, with --device cuda,
+// on the GPU; the same measurements as the PyTorch yardstick bench/model_torch.py:
 //   * one training step: forward (LM loss over every position that has a next token,
 //     activations retained), backward (lm_loss_scale 1), AdamW step (lr 1e-4, no weight
 //     decay), zero_grad;
@@ -12,14 +12,28 @@
 // generation batch 8) and gpt2 (124M: 12/768/12, vocab 50257, context 1024; train 4 x 64,
 // generation batch 4). Medians of --runs runs after one warm-up (plus the best run: on a
 // shared machine the steadier figure).
+// Two more configs, GPT-2 124M at realistic GPU batches: gpt2-512 (train 8 x 512,
+// generation batch 8) and gpt2-1024 (train 8 x 1024, generation batch 64). --config all
+// runs small and gpt2 on the CPU (as before), and all four on CUDA; the big two can be named
+// on the CPU too. --gen-batch N overrides every selected config's generation batch.
+//
+// --device cuda: the models are built with ModelOptions{Device::Cuda} (everything runs on
+// the GPU; host arrays in and out); exits 77 with a message where CUDA cannot be used. The
+// matmul section (ppo::cpu::matmul) is CPU only: bench_cuda times the CUDA kernels alone.
+// GPU timing stays exact with host clocks: generate() returns host arrays, and a CUDA
+// training iteration is timed as backward, step, zero_grad, then the next forward with its
+// LM loss read on the host (one of each per iteration, after a priming forward): the host
+// read waits for every kernel queued before it, so no work is left running when the clock
+// stops. (The CPU keeps its forward, backward, step, zero_grad order.)
 //
 // FLOPs: forward = 2*B*T*(12*L*C^2 + C*V) + 4*L*B*T^2*C (dense layers + LM head, plus the
 // two attention products counted as full T x T, not causal halves); a training step is
 // 3 x forward. Matmuls: 2 m n k.
 //
-//   ./bench_model [--config small|gpt2|all] [--runs N] [--json] [--skip-train]
-//                 [--skip-generate] [--skip-matmul]
-// Threads: the ppo pool's (PPO_MAX_THREADS, else every hardware thread).
+//   ./bench_model [--device cpu|cuda] [--config small|gpt2|gpt2-512|gpt2-1024|all] [--runs N]
+//                 [--gen-batch N] [--json] [--skip-train] [--skip-generate] [--skip-matmul]
+// Threads: the ppo pool's (PPO_MAX_THREADS, else every hardware thread). On CUDA the matmul
+// path is PPO_CUDA_MATMUL's (tf32 by default; printed in the header).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -31,12 +45,16 @@
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/error.h"
 #include "core/json.h"
 #include "core/thread_pool.h"
 #include "cpu/matmul.h"
 #include "model/config.h"
 #include "model/gpt.h"
+#if defined(PPO_WITH_CUDA)
+#include "cuda/engine_kernels.h"  // matmul_path(), for the header line
+#endif
 
 namespace {
 
@@ -47,14 +65,17 @@ using ppo::model::ModelConfig;
 constexpr int64_t kPromptTokens = 16, kNewTokens = 64;
 
 struct BenchConfig {
-  std::string name;  // "small", "gpt2"
+  std::string name;  // "small", "gpt2", "gpt2-512", "gpt2-1024"
   int64_t n_layer, n_embd, n_head, vocab, n_positions;
   int64_t train_batch, train_steps, gen_batch;
+  bool in_cpu_all;  // part of --config all on the CPU (the big two are GPU-sized)
 };
 
 const BenchConfig kConfigs[] = {
-    {"small", 6, 384, 6, 8192, 256, 8, 128, 8},
-    {"gpt2", 12, 768, 12, 50257, 1024, 4, 64, 4},
+    {"small", 6, 384, 6, 8192, 256, 8, 128, 8, true},
+    {"gpt2", 12, 768, 12, 50257, 1024, 4, 64, 4, true},
+    {"gpt2-512", 12, 768, 12, 50257, 1024, 8, 512, 8, false},
+    {"gpt2-1024", 12, 768, 12, 50257, 1024, 8, 1024, 64, false},
 };
 
 ModelConfig model_config(const BenchConfig& b) {
@@ -106,9 +127,12 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint32_t seed) {
 
 // ---- the model: training step and generation ---------------------------------------------
 
-json::Value bench_model(const BenchConfig& b, int runs, bool train, bool generate) {
+json::Value bench_model(const BenchConfig& b, int runs, bool train, bool generate,
+                        ppo::Device device) {
   const ModelConfig config = model_config(b);
-  Model model(config, /*seed=*/0);
+  ppo::model::ModelOptions options;
+  options.device = device;
+  Model model(config, /*seed=*/0, options);
   json::Value r = json::Value::object();
   r.set("n_layer", json::Value::integer(b.n_layer));
   r.set("n_embd", json::Value::integer(b.n_embd));
@@ -130,12 +154,25 @@ json::Value bench_model(const BenchConfig& b, int runs, bool train, bool generat
     ppo::model::AdamWOptions adam;
     adam.lr = 1e-4;
     double loss = 0.0;
-    const Timing t = time_runs([&] {
+    Timing t;
+    if (device == ppo::Device::Cpu) {
+      t = time_runs([&] {
+        loss = model.forward(tb, fwd).lm_loss;
+        model.backward(bwd);
+        model.step(adam);
+        model.zero_grad();
+      }, runs);
+    } else {
+      // One of each per iteration, ending with the host read of the next loss: nothing
+      // is left queued on the GPU when the clock stops (see the header).
       loss = model.forward(tb, fwd).lm_loss;
-      model.backward(bwd);
-      model.step(adam);
-      model.zero_grad();
-    }, runs);
+      t = time_runs([&] {
+        model.backward(bwd);
+        model.step(adam);
+        model.zero_grad();
+        loss = model.forward(tb, fwd).lm_loss;
+      }, runs);
+    }
     const double flops = 3.0 * forward_flops(b, B, T);
     r.set("train_batch", json::Value::integer(B));
     r.set("train_steps", json::Value::integer(T));
@@ -252,13 +289,18 @@ double num(const json::Value& v, const char* key) { return v.at(key).as_double()
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string which = "all";
+  std::string which = "all", device_name = "cpu";
   int runs = 5;
+  int64_t gen_batch = 0;  // 0: each config's own
   bool as_json = false, train = true, generate = true, matmuls = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--config" && i + 1 < argc) {
       which = argv[++i];
+    } else if (a == "--device" && i + 1 < argc) {
+      device_name = argv[++i];
+    } else if (a == "--gen-batch" && i + 1 < argc) {
+      gen_batch = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--runs" && i + 1 < argc) {
       runs = std::max(1, std::atoi(argv[++i]));
     } else if (a == "--json") {
@@ -271,36 +313,65 @@ int main(int argc, char** argv) {
       matmuls = false;
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--config small|gpt2|all] [--runs N] [--json] [--skip-train] "
-                   "[--skip-generate] [--skip-matmul]\n",
+                   "usage: %s [--device cpu|cuda] [--config small|gpt2|gpt2-512|gpt2-1024|all] "
+                   "[--runs N] [--gen-batch N] [--json] [--skip-train] [--skip-generate] "
+                   "[--skip-matmul]\n",
                    argv[0]);
       return 2;
     }
   }
-  if (which != "small" && which != "gpt2" && which != "all") {
-    std::fprintf(stderr, "--config must be small, gpt2 or all (got '%s')\n", which.c_str());
+  bool known = which == "all";
+  for (const BenchConfig& b : kConfigs) known = known || which == b.name;
+  if (!known) {
+    std::fprintf(stderr, "--config must be small, gpt2, gpt2-512, gpt2-1024 or all (got '%s')\n",
+                 which.c_str());
     return 2;
   }
+  if (device_name != "cpu" && device_name != "cuda") {
+    std::fprintf(stderr, "--device must be cpu or cuda (got '%s')\n", device_name.c_str());
+    return 2;
+  }
+  const bool cuda = device_name == "cuda";
+  const ppo::Device device = cuda ? ppo::Device::Cuda : ppo::Device::Cpu;
+  if (cuda && !ppo::cuda_available()) {
+    std::fprintf(stderr, "bench_model: --device cuda, but CUDA cannot be used here (%s): skipped\n",
+                 ppo::cuda_unavailable_reason().c_str());
+    return 77;
+  }
+  if (cuda) matmuls = false;  // ppo::cpu::matmul only; bench_cuda times the CUDA kernels
+  std::string cuda_matmul_path = "?";
+#if defined(PPO_WITH_CUDA)
+  if (cuda) cuda_matmul_path = ppo::cuda::matmul_path();
+#endif
   try {
-    std::printf("ppo engine float32 CPU  threads=%d  matmul kernel=%s  runs=%d (median)\n",
-                ppo::cpu_thread_count(), ppo::cpu::matmul_isa(), runs);
+    if (cuda) {
+      std::printf("ppo engine float32 CUDA  matmul path=%s  runs=%d (median)\n",
+                  cuda_matmul_path.c_str(), runs);
+    } else {
+      std::printf("ppo engine float32 CPU  threads=%d  matmul kernel=%s  runs=%d (median)\n",
+                  ppo::cpu_thread_count(), ppo::cpu::matmul_isa(), runs);
+    }
     std::printf("FLOPs: forward = 2*B*T*(12*L*C^2 + C*V) + 4*L*B*T^2*C (attention products "
                 "counted as full TxT, not causal halves); train step = 3 x forward\n");
     json::Value configs = json::Value::object();
     json::Value mm = json::Value::array();
-    for (const BenchConfig& b : kConfigs) {
-      if (which != "all" && which != b.name) continue;
-      if (train || generate) configs.set(b.name, bench_model(b, runs, train, generate));
+    for (BenchConfig b : kConfigs) {
+      if (which == "all" ? !(cuda || b.in_cpu_all) : which != b.name) continue;
+      if (gen_batch > 0) b.gen_batch = gen_batch;
+      if (train || generate) configs.set(b.name, bench_model(b, runs, train, generate, device));
       if (matmuls) {
         const json::Value rows = bench_matmuls(b, runs);
         for (const json::Value& e : rows.values()) mm.push_back(e);
       }
     }
-    std::printf("%-7s %11s %11s %10s %9s %8s %6s %10s %10s\n", "config", "params", "train B x T",
+    // The config column: 7 wide as always, 9 when gpt2-512 / gpt2-1024 are listed.
+    int w = 7;
+    for (const std::string& k : configs.keys()) w = std::max(w, static_cast<int>(k.size()));
+    std::printf("%-*s %11s %11s %10s %9s %8s %6s %10s %10s\n", w, "config", "params", "train B x T",
                 "step ms", "tok/s", "GFLOP/s", "gen B", "gen ms", "gen tok/s");
     for (size_t i = 0; i < configs.keys().size(); ++i) {
       const json::Value& r = configs.values()[i];
-      std::printf("%-7s %11lld", configs.keys()[i].c_str(),
+      std::printf("%-*s %11lld", w, configs.keys()[i].c_str(),
                   static_cast<long long>(r.at("params").as_int64()));
       if (r.find("train_step_ms")) {
         const std::string bt = std::to_string(r.at("train_batch").as_int64()) + " x " +
@@ -346,6 +417,10 @@ int main(int argc, char** argv) {
     if (as_json) {
       json::Value out = json::Value::object();
       out.set("impl", json::Value::string("ppo"));
+      if (cuda) {
+        out.set("device", json::Value::string("cuda"));
+        out.set("cuda_matmul_path", json::Value::string(cuda_matmul_path));
+      }
       out.set("threads", json::Value::integer(ppo::cpu_thread_count()));
       out.set("matmul_isa", json::Value::string(ppo::cpu::matmul_isa()));
       out.set("configs", std::move(configs));

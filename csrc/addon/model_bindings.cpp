@@ -54,11 +54,11 @@ Napi::Object config_to_js(Napi::Env env, const model::ModelConfig& c) {
 model::ModelOptions model_options(const Args& a) {
   model::ModelOptions o;
   const std::string device = a.has("device") ? a.string("device") : "cpu";
-  if (device != "cpu") {
-    // lib/model.ts resolves 'auto' and refuses 'cuda' (one place, with the reason).
-    throw_invalid("device must be 'cpu' for the model engine, got '" + device + "'", "device");
-  }
-  o.device = Device::Cpu;
+  // lib/model.ts resolves 'auto'; a 'cuda' that cannot run is refused by the Model
+  // constructor (ERR_CUDA_UNAVAILABLE, with the reason).
+  if (device != "cpu" && device != "cuda")
+    throw_invalid("device must be 'cpu' or 'cuda' for the model engine, got '" + device + "'", "device");
+  o.device = device == "cuda" ? Device::Cuda : Device::Cpu;
   o.trainable = a.flag("trainable", true);
   return o;
 }
@@ -68,6 +68,7 @@ Napi::Value describe_new_model(Napi::Env env, const std::shared_ptr<ModelState>&
   Napi::Object out = Napi::Object::New(env);
   out.Set("config", config_to_js(env, state->model->config()));
   out.Set("parameterCount", static_cast<double>(state->model->parameter_count()));
+  out.Set("device", device_name(state->model->device()));
   out.Set("handle", wrap_state(env, state));
   return out;
 }
@@ -124,6 +125,7 @@ Napi::Value ModelClone(const Napi::CallbackInfo& info) {
   model::ModelOptions options;
   options.trainable = a.flag("trainable", true);
   Model* source = lease.model();
+  options.device = source->device();  // a clone lives where its source does
   const bool value_head = a.flag("valueHead", source->config().value_head);
   auto state = std::make_shared<ModelState>();
   return start(

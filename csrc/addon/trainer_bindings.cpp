@@ -589,14 +589,16 @@ Napi::Value ModelLoadOptimizer(const Napi::CallbackInfo& info) {
   }, nullptr);
 }
 
-// estimateModelMemory({config, trainable, batch, steps, generateBatch, generateSteps}) -> bytes by kind
+// estimateModelMemory({config, trainable, batch, steps, generateBatch, generateSteps, device?})
+// -> bytes by kind
 Napi::Value EstimateModelMemory(const Napi::CallbackInfo& info) {
   Args a(arg(info, 0));
   const model::ModelConfig config = config_from_js(a.get("config"));
   const bool trainable = a.flag("trainable", true);
   const int64_t batch = a.integer_or("batch", 0, kMaxInt32, 0), steps = a.integer_or("steps", 0, kMaxInt32, 0);
   const int64_t gb = a.integer_or("generateBatch", 0, kMaxInt32, 0), gs = a.integer_or("generateSteps", 0, kMaxInt32, 0);
-  return memory_to_js(info.Env(), Model::estimate_memory(config, trainable, batch, steps, gb, gs));
+  const Device device = a.has("device") && a.string("device") == "cuda" ? Device::Cuda : Device::Cpu;
+  return memory_to_js(info.Env(), Model::estimate_memory(config, trainable, batch, steps, gb, gs, device));
 }
 
 }  // namespace

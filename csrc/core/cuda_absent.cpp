@@ -1,6 +1,7 @@
 // Linked into builds without the CUDA toolkit (node-gyp, or CMake without nvcc):
 // the CUDA entry points exist and fail with a clear, stable error.
 #include "core/backend.h"
+#include "core/engine_ops.h"
 #include "core/error.h"
 
 namespace ppo::cuda {
@@ -17,6 +18,10 @@ bool device_usable(std::string* reason) {
 }
 
 const Backend& backend() {
+  throw Error(ErrorCode::CudaUnavailable, "this build of ppo-max has no CUDA backend", "device");
+}
+
+const EngineOps& engine_ops() {
   throw Error(ErrorCode::CudaUnavailable, "this build of ppo-max has no CUDA backend", "device");
 }
 

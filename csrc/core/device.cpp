@@ -1,5 +1,6 @@
 // Device selection: which backend table serves a Device, and whether CUDA can be used.
 #include "core/backend.h"
+#include "core/engine_ops.h"
 
 #include "core/error.h"
 
@@ -35,6 +36,12 @@ const Backend& backend_for(Device device) {
                 "device 'cuda' was requested but CUDA cannot be used: " + reason, "device");
   }
   return cuda::backend();
+}
+
+const EngineOps& engine_ops_for(Device device) {
+  if (device == Device::Cpu) return cpu_engine_ops();
+  backend_for(device);  // throws CudaUnavailable with the reason
+  return cuda::engine_ops();
 }
 
 }  // namespace ppo

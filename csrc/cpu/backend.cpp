@@ -9,7 +9,7 @@
 
 namespace ppo {
 
-namespace {
+namespace cpu {
 
 void* host_alloc(size_t bytes) {
   void* p = std::malloc(bytes == 0 ? 1 : bytes);
@@ -20,18 +20,20 @@ void* host_alloc(size_t bytes) {
   return p;
 }
 void host_free(void* p) noexcept { std::free(p); }
-void host_copy(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+void host_copy(void* dst, const void* src, size_t bytes) {
+  if (bytes > 0) std::memmove(dst, src, bytes);
+}
 
-}  // namespace
+}  // namespace cpu
 
 const Backend& cpu_backend() {
   static const Backend table = {
       Device::Cpu,
       "cpu",
-      host_alloc,
-      host_free,
-      host_copy,
-      host_copy,
+      cpu::host_alloc,
+      cpu::host_free,
+      cpu::host_copy,
+      cpu::host_copy,
       /*host_memory=*/true,
       /*checks_logits_inline=*/true,
       cpu::logprobs_forward,

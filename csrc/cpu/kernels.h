@@ -3,7 +3,15 @@
 
 #include "core/op_args.h"
 
+#include <cstddef>
+
 namespace ppo::cpu {
+
+// backend.cpp: host memory for both CPU tables (the RLHF kernels' and the engine's).
+// host_alloc throws ppo::Error(OutOfMemory); host_copy allows overlap (memmove).
+void* host_alloc(size_t bytes);
+void host_free(void* ptr) noexcept;
+void host_copy(void* dst, const void* src, size_t bytes);
 
 // logprobs.cpp
 void logprobs_forward(const LogprobsArgs& args);

@@ -1,4 +1,9 @@
-// The GPT-2 engine on the CPU (see gpt.h): forward, backward, AdamW, generation.
+// The GPT-2 engine (see gpt.h): forward, backward, AdamW, generation, on the CPU or on
+// CUDA. Every pass runs through the device's op table (core/engine_ops.h); the model's
+// memory (parameters, gradients, AdamW moments, activations, KV cache, scratch) lives on
+// that device in DeviceArrays, allocated once per shape and freed with the model. The
+// host holds what the caller hands in or asks for (tokens, small index arrays, the
+// requested outputs) and the control flow; on CUDA nothing else crosses the bus.
 //
 // Shapes: B sequences of T steps, N = B*T rows, width C, H heads, vocab V, L blocks.
 // Block l maps the residual stream x [N, C] to
@@ -22,13 +27,9 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/engine_ops.h"
 #include "core/error.h"
 #include "core/op_args.h"
-#include "cpu/attention.h"
-#include "cpu/kernels.h"
-#include "cpu/layers.h"
-#include "cpu/matmul.h"
-#include "cpu/optimizer.h"
 #include "model/sampling.h"
 
 namespace ppo::model {
@@ -39,20 +40,69 @@ namespace {
 constexpr int64_t kHeadChunk = 256;
 
 // y [rows, out] = x [rows, in] W^T + b, W stored [out, in] (b may be nullptr).
-void linear_forward(int64_t rows, int64_t in, int64_t out, const float* x, const float* w,
-                    const float* b, float* y) {
-  cpu::matmul(false, true, rows, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
-  if (b) cpu::add_bias(rows, out, b, y);
+void linear_forward(const EngineOps& ops, int64_t rows, int64_t in, int64_t out, const float* x,
+                    const float* w, const float* b, float* y) {
+  ops.matmul(false, true, rows, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+  if (b) ops.add_bias(rows, out, b, y);
 }
 
 // Given dy [rows, out]: dx (= or +=, by accumulate_dx) dy W; dW += dy^T x; db += colsum(dy).
 // dx may be nullptr (not needed).
-void linear_backward(int64_t rows, int64_t in, int64_t out, const float* dy, const float* x,
-                     const float* w, float* dx, bool accumulate_dx, float* dw, float* db) {
-  if (dx) cpu::matmul(false, false, rows, in, out, 1.0f, dy, out, w, in, accumulate_dx ? 1.0f : 0.0f, dx, in);
-  cpu::matmul(true, false, out, in, rows, 1.0f, dy, out, x, in, 1.0f, dw, in);
-  if (db) cpu::bias_backward(rows, out, dy, db);
+void linear_backward(const EngineOps& ops, int64_t rows, int64_t in, int64_t out, const float* dy,
+                     const float* x, const float* w, float* dx, bool accumulate_dx, float* dw,
+                     float* db) {
+  if (dx) ops.matmul(false, false, rows, in, out, 1.0f, dy, out, w, in, accumulate_dx ? 1.0f : 0.0f, dx, in);
+  ops.matmul(true, false, out, in, rows, 1.0f, dy, out, x, in, 1.0f, dw, in);
+  if (db) ops.bias_backward(rows, out, dy, db);
 }
+
+// A buffer of T on the model's device, grown to the largest size asked for and never
+// shrunk (a training loop allocates once per shape), freed with the model. Growing
+// discards the contents.
+template <typename T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  ~DeviceArray() { release(); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+
+  void bind(const EngineOps* ops) { ops_ = ops; }
+  // At least n elements.
+  T* reserve(int64_t n) {
+    if (n > capacity_) {
+      release();
+      ptr_ = static_cast<T*>(ops_->alloc(sizeof(T) * static_cast<size_t>(n)));
+      capacity_ = n;
+    }
+    return ptr_;
+  }
+  // At least n elements, all zero.
+  T* reserve_zeroed(int64_t n) {
+    reserve(n);
+    ops_->zero(ptr_, sizeof(T) * static_cast<size_t>(n));
+    return ptr_;
+  }
+  // The n host values, copied to the device.
+  T* upload(const T* host, int64_t n) {
+    reserve(n);
+    ops_->copy_to_device(ptr_, host, sizeof(T) * static_cast<size_t>(n));
+    return ptr_;
+  }
+  T* get() const { return ptr_; }
+  int64_t capacity() const { return capacity_; }
+  int64_t bytes() const { return capacity_ * static_cast<int64_t>(sizeof(T)); }
+  void release() {
+    if (ptr_ != nullptr) ops_->free(ptr_);
+    ptr_ = nullptr;
+    capacity_ = 0;
+  }
+
+ private:
+  const EngineOps* ops_ = nullptr;
+  T* ptr_ = nullptr;
+  int64_t capacity_ = 0;
+};
 
 // n values N(0, sigma^2) from uniforms by Box-Muller, both outputs of each pair used: the
 // same numbers on every platform, unlike std::normal_distribution.
@@ -72,6 +122,8 @@ bool is_01(float v) { return v == 0.0f || v == 1.0f; }
 
 // One block's activations, [N, *] each. In an unretained forward every block shares one
 // set (only the current block's values are alive).
+// att: what attention saves for backward (the probabilities on the CPU, a log-sum-exp per
+// query row on CUDA), nullptr in an unretained forward.
 struct BlockActs {
   float *ln1, *mean1, *rstd1, *qkv, *att, *atty, *x2, *ln2, *mean2, *rstd2, *fch, *fchg, *x3;
 };
@@ -80,16 +132,32 @@ struct Model::Impl {
   ModelConfig cfg;
   ParameterLayout layout;
   ModelOptions options;
-  std::vector<float> params, grads, adam_m, adam_v;
+  const EngineOps* ops = nullptr;  // the device's op table
+  bool on_host = true;             // CPU: device pointers are host pointers
+
+  // ---- parameters, gradients, AdamW moments [layout.total] each, on the device ----------
+  DeviceArray<float> params, grads, adam_m, adam_v;
   int64_t adam_steps = 0;
+  // CUDA only: host copies for params()/grads()/optimizer_*() and mutable_params().
+  // params_host is current when params_host_valid; params_host_newer says the caller wrote
+  // to it through mutable_params() and the next pass must upload it first.
+  mutable std::vector<float> params_host, grads_host, adam_m_host, adam_v_host;
+  mutable bool params_host_valid = false;
+  bool params_host_newer = false;
 
   // ---- the activation arena -------------------------------------------------------------
-  std::vector<float> arena;
+  DeviceArray<float> arena;
   int64_t arena_B = 0, arena_T = 0;
   bool arena_retained = false;
   float* x0 = nullptr;  // the embeddings [N, C]
   std::vector<BlockActs> blocks;
   float *lnf = nullptr, *lnf_mean = nullptr, *lnf_rstd = nullptr;
+
+  // ---- the batch's index arrays on the device (a retained forward's stay for backward:
+  // any later forward or generate discards the retained one) ---------------------------------
+  DeviceArray<int32_t> d_tokens, d_positions, d_lengths;  // [N], [N], [B]
+  DeviceArray<int64_t> d_head_rows;      // [K]: the lnf row predicting each target (b*T + t - 1)
+  DeviceArray<int32_t> d_target_tokens;  // [K]
 
   // ---- what a retained forward keeps for backward() ------------------------------------
   bool has_retained = false;
@@ -99,31 +167,103 @@ struct Model::Impl {
   // the logits [K, V] of the rows b*T + t - 1 that predict them.
   std::vector<int64_t> r_targets;
   std::vector<int32_t> r_target_tokens;
-  std::vector<float> r_head_logits;
+  DeviceArray<float> r_head_logits;
   bool r_logprobs = false, r_entropy = false, r_values = false, r_lm = false;
 
   // ---- scratch kept between calls (grown to the largest batch yet, never shrunk, so a
-  // training loop allocates and page-faults its memory once) ------------------------------
-  std::vector<float> bw_dres, bw_dlnf, bw_dfchg, bw_dfch, bw_dqkv, bw_dsmall;  // [N, *]
-  std::vector<float> head_scratch;        // [kHeadChunk, V]: logits or d logits of a chunk
-  std::vector<float> head_hs, head_dhs;   // [chunk, C]: gathered hidden states, their grads
+  // training loop allocates its memory once) ------------------------------------------------
+  DeviceArray<float> bw_dres, bw_dlnf, bw_dfchg, bw_dfch, bw_dqkv, bw_dsmall;  // [N, *]
+  DeviceArray<float> head_scratch;        // [kHeadChunk, V]: logits or d logits of a chunk
+  DeviceArray<float> head_hs, head_dhs;   // [chunk, C]: gathered hidden states, their grads
+  DeviceArray<float> head_lp, head_ent;   // [K]: the targets' log-probs and entropies
+  DeviceArray<float> row_grads, row_grads2;  // [N] or [K]: upstream gradients uploaded
+  DeviceArray<float> out_staging;         // CUDA: a requested output before its copy to the host
 
-  static float* grow(std::vector<float>& v, int64_t n) {
-    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-    return v.data();
+  // ---- generation: the KV cache of the last generate() and the decoding step's buffers --------
+  DeviceArray<float> kv_cache;
+  DeviceArray<float> gen_hidden, gen_logits, gen_scratch, gen_step;
+  DeviceArray<int64_t> gen_rows;
+  DeviceArray<int32_t> gen_penalized, gen_penalized_count, gen_active, gen_next, gen_positions,
+      gen_tokens_out, gen_status;
+  DeviceArray<double> gen_uniforms;
+  DeviceArray<float> gen_logprobs_out;
+
+  void bind_memory() {
+    for (DeviceArray<float>* a : {&params, &grads, &adam_m, &adam_v, &arena, &r_head_logits, &bw_dres,
+                                  &bw_dlnf, &bw_dfchg, &bw_dfch, &bw_dqkv, &bw_dsmall, &head_scratch,
+                                  &head_hs, &head_dhs, &head_lp, &head_ent, &row_grads, &row_grads2,
+                                  &out_staging, &kv_cache, &gen_hidden, &gen_logits, &gen_scratch,
+                                  &gen_step, &gen_logprobs_out})
+      a->bind(ops);
+    for (DeviceArray<int32_t>* a : {&d_tokens, &d_positions, &d_lengths, &d_target_tokens, &gen_penalized,
+                                    &gen_penalized_count, &gen_active, &gen_next, &gen_positions,
+                                    &gen_tokens_out, &gen_status})
+      a->bind(ops);
+    d_head_rows.bind(ops);
+    gen_rows.bind(ops);
+    gen_uniforms.bind(ops);
   }
 
-  // ---- the KV cache of the last generate() -----------------------------------------------
-  std::vector<float> kv_cache;
+  // Picks the device and makes the parameter buffer from host values.
+  void init(const ModelConfig& config, const ModelOptions& opts, const std::vector<float>& host_params) {
+    cfg = config;
+    layout = parameter_layout(config);
+    options = opts;
+    ops = &engine_ops_for(opts.device);
+    on_host = ops->device == Device::Cpu;
+    bind_memory();
+    require(static_cast<int64_t>(host_params.size()) == layout.total, ErrorCode::ShapeMismatch,
+            "the parameter buffer holds " + std::to_string(host_params.size()) + " floats; the config needs " +
+                std::to_string(layout.total),
+            "params");
+    params.upload(host_params.data(), layout.total);
+  }
+
+  // ---- host views (CUDA: copies, made when asked for) ---------------------------------------
+  const float* params_view() const {
+    if (on_host) return params.get();
+    if (!params_host_valid) {
+      params_host.resize(static_cast<size_t>(layout.total));
+      ops->copy_to_host(params_host.data(), params.get(), sizeof(float) * layout.total);
+      params_host_valid = true;
+    }
+    return params_host.data();
+  }
+  float* mutable_params_view() {
+    if (on_host) return params.get();
+    params_view();
+    params_host_newer = true;
+    return params_host.data();
+  }
+  // Before a pass: parameters written through mutable_params() go to the device.
+  void upload_params_written_on_host() {
+    if (!params_host_newer) return;
+    params.upload(params_host.data(), layout.total);
+    params_host_newer = false;
+  }
+  const float* host_view(const DeviceArray<float>& a, std::vector<float>& host) const {
+    if (a.capacity() == 0) return nullptr;
+    if (on_host) return a.get();
+    host.resize(static_cast<size_t>(layout.total));
+    ops->copy_to_host(host.data(), a.get(), sizeof(float) * layout.total);
+    return host.data();
+  }
+
+  // A requested output of n floats: written on the device at the returned pointer, then
+  // delivered to `host` by deliver() (the same pointer on the CPU: no copy).
+  float* output_buffer(float* host, int64_t n) { return on_host ? host : out_staging.reserve(n); }
+  void deliver(float* host, const float* device, int64_t n) const {
+    if (!on_host) ops->copy_to_host(host, device, sizeof(float) * n);
+  }
 
   int64_t C() const { return cfg.n_embd; }
   int64_t V() const { return cfg.vocab_size; }
 
-  // Floats one block needs at (B, T), with or without the attention probabilities.
+  // Floats one block needs at (B, T), with or without what attention saves for backward.
   int64_t block_floats(int64_t B, int64_t T, bool with_att) const {
     const int64_t N = B * T, c = C();
     return N * (c + 3 * c + c + c + c + 4 * c + 4 * c + c) + 4 * N +
-           (with_att ? B * cfg.n_head * T * T : 0);
+           (with_att ? ops->attention_saved_floats(B, T, cfg.n_head) : 0);
   }
 
   // One block's activations for (B, T), laid out from p (advanced past them): the
@@ -140,7 +280,7 @@ struct Model::Impl {
     a.mean1 = take(N);
     a.rstd1 = take(N);
     a.qkv = take(N * 3 * c);
-    a.att = with_att ? take(B * cfg.n_head * T * T) : nullptr;
+    a.att = with_att ? take(ops->attention_saved_floats(B, T, cfg.n_head)) : nullptr;
     a.atty = take(N * c);
     a.x2 = take(N * c);
     a.ln2 = take(N * c);
@@ -153,17 +293,12 @@ struct Model::Impl {
   }
 
   // Points the arena at (B, T), growing it when needed. retain: every block gets its own
-  // activations (and the attention probabilities); otherwise blocks share one set.
+  // activations (and what attention saves); otherwise blocks share one set.
   void prepare_arena(int64_t B, int64_t T, bool retain) {
     const int64_t N = B * T, c = C(), L = cfg.n_layer;
     const int64_t per_block = block_floats(B, T, retain);
     const int64_t total = N * c + (retain ? L : 1) * per_block + N * c + 2 * N;
-    if (static_cast<int64_t>(arena.size()) < total) {
-      arena.clear();
-      arena.shrink_to_fit();
-      arena.resize(static_cast<size_t>(total));
-    }
-    float* p = arena.data();
+    float* p = arena.reserve(total);
     auto take = [&p](int64_t n) {
       float* q = p;
       p += n;
@@ -226,29 +361,29 @@ struct Model::Impl {
   template <typename Attend>
   void block_forward(int64_t l, int64_t rows, const float* x, const BlockActs& a, Attend attend) {
     const BlockOffsets& o = layout.blocks[l];
-    const float* P = params.data();
+    const float* P = params.get();
     const int64_t c = C();
     const float eps = static_cast<float>(cfg.layer_norm_epsilon);
-    cpu::layernorm_forward(rows, c, x, P + o.ln_1_weight, P + o.ln_1_bias, eps, a.ln1, a.mean1, a.rstd1);
-    linear_forward(rows, c, 3 * c, a.ln1, P + o.attn_weight, P + o.attn_bias, a.qkv);
+    ops->layernorm_forward(rows, c, x, P + o.ln_1_weight, P + o.ln_1_bias, eps, a.ln1, a.mean1, a.rstd1);
+    linear_forward(*ops, rows, c, 3 * c, a.ln1, P + o.attn_weight, P + o.attn_bias, a.qkv);
     attend(a.qkv, a.atty);
-    linear_forward(rows, c, c, a.atty, P + o.attn_proj_weight, P + o.attn_proj_bias, a.x2);
-    cpu::add(rows * c, a.x2, x, a.x2);
-    cpu::layernorm_forward(rows, c, a.x2, P + o.ln_2_weight, P + o.ln_2_bias, eps, a.ln2, a.mean2, a.rstd2);
-    linear_forward(rows, c, 4 * c, a.ln2, P + o.fc_weight, P + o.fc_bias, a.fch);
-    cpu::gelu_forward(rows * 4 * c, a.fch, a.fchg);
-    linear_forward(rows, 4 * c, c, a.fchg, P + o.fc_proj_weight, P + o.fc_proj_bias, a.x3);
-    cpu::add(rows * c, a.x3, a.x2, a.x3);
+    linear_forward(*ops, rows, c, c, a.atty, P + o.attn_proj_weight, P + o.attn_proj_bias, a.x2);
+    ops->add(rows * c, a.x2, x, a.x2);
+    ops->layernorm_forward(rows, c, a.x2, P + o.ln_2_weight, P + o.ln_2_bias, eps, a.ln2, a.mean2, a.rstd2);
+    linear_forward(*ops, rows, c, 4 * c, a.ln2, P + o.fc_weight, P + o.fc_bias, a.fch);
+    ops->gelu_forward(rows * 4 * c, a.fch, a.fchg);
+    linear_forward(*ops, rows, 4 * c, c, a.fchg, P + o.fc_proj_weight, P + o.fc_proj_bias, a.x3);
+    ops->add(rows * c, a.x3, a.x2, a.x3);
   }
 
   // The final LayerNorm of `rows` rows of the residual stream.
   void final_layernorm(int64_t rows, const float* x, float* out, float* mean, float* rstd) const {
-    cpu::layernorm_forward(rows, C(), x, params.data() + layout.ln_f_weight, params.data() + layout.ln_f_bias,
+    ops->layernorm_forward(rows, C(), x, params.get() + layout.ln_f_weight, params.get() + layout.ln_f_bias,
                            static_cast<float>(cfg.layer_norm_epsilon), out, mean, rstd);
   }
 
-  // Runs the blocks over x0 (already embedded) for (B, T) with the given lengths, leaving
-  // the final hidden states in lnf. kv (may be nullptr): per-layer caches to prefill.
+  // Runs the blocks over x0 (already embedded) for (B, T) with the given lengths (device),
+  // leaving the final hidden states in lnf. kv (may be nullptr): per-layer caches to prefill.
   void run_blocks(int64_t B, int64_t T, const int32_t* lengths, float* kv, int64_t cache_T) {
     const int64_t N = B * T, c = C(), H = cfg.n_head;
     const float* x = x0;
@@ -257,9 +392,9 @@ struct Model::Impl {
       block_forward(l, N, x, a, [&](const float* qkv, float* atty) {
         if (kv) {
           float* k_cache = kv + 2 * l * B * cache_T * c;
-          cpu::kv_cache_store(B, T, c, lengths, qkv, cache_T, k_cache, k_cache + B * cache_T * c);
+          ops->kv_cache_store(B, T, c, lengths, qkv, cache_T, k_cache, k_cache + B * cache_T * c);
         }
-        cpu::attention_forward(B, T, c, H, lengths, qkv, a.att, atty);
+        ops->attention_forward(B, T, c, H, lengths, qkv, a.att, atty);
       });
       x = a.x3;
     }
@@ -279,7 +414,7 @@ struct Model::Impl {
     }
   }
 
-  // Log-probs (and entropy) of `tokens` [K] under the rows of logits [K, V].
+  // Log-probs (and entropy) of `tokens` [K] under the rows of logits [K, V] (device arrays).
   void head_logprobs(int64_t K, const float* logits, const int32_t* tokens, float* logprobs,
                      float* entropy) const {
     LogprobsArgs args;
@@ -290,7 +425,7 @@ struct Model::Impl {
     args.tokens = tokens;
     args.logprobs = logprobs;
     args.entropy = entropy;
-    cpu::logprobs_forward(args);
+    ops->logprobs_forward(args);
   }
 
   // ---- forward --------------------------------------------------------------------------------
@@ -330,29 +465,27 @@ struct Model::Impl {
     row_positions(batch, positions, lengths);
 
     has_retained = false;  // validation passed: the arena is about to be reused
+    upload_params_written_on_host();
     prepare_arena(B, T, req.retain);
-    const float* P = params.data();
-    cpu::embedding_forward(N, c, batch.tokens, positions.data(), P + layout.wte, P + layout.wpe, x0);
-    run_blocks(B, T, lengths.data(), nullptr, 0);
+    const int32_t* tokens_d = d_tokens.upload(batch.tokens, N);
+    const int32_t* positions_d = d_positions.upload(positions.data(), N);
+    const int32_t* lengths_d = d_lengths.upload(lengths.data(), B);
+    const float* P = params.get();
+    ops->embedding_forward(N, c, tokens_d, positions_d, P + layout.wte, P + layout.wpe, x0);
+    run_blocks(B, T, lengths_d, nullptr, 0);
 
     ForwardResult result;
     result.lm_tokens = K;
     if (req.logits) {
-      linear_forward(N, c, Vv, lnf, P + layout.wte, nullptr, req.logits);
-      for (int64_t r = 0; r < N; ++r)
-        if (positions[r] < 0) std::fill(req.logits + r * Vv, req.logits + (r + 1) * Vv, 0.0f);
+      float* logits = output_buffer(req.logits, N * Vv);
+      linear_forward(*ops, N, c, Vv, lnf, P + layout.wte, nullptr, logits);
+      ops->zero_padded_rows(N, Vv, positions_d, logits);
+      deliver(req.logits, logits, N * Vv);
     }
     if (req.values) {
-      const float* w = P + layout.value_head;
-      for (int64_t r = 0; r < N; ++r) {
-        if (positions[r] < 0) {
-          req.values[r] = 0.0f;
-          continue;
-        }
-        double s = 0.0;
-        for (int64_t j = 0; j < c; ++j) s += static_cast<double>(lnf[r * c + j]) * w[j];
-        req.values[r] = static_cast<float>(s);
-      }
+      float* values = output_buffer(req.values, N);
+      ops->value_head_forward(N, c, lnf, P + layout.value_head, positions_d, values);
+      deliver(req.values, values, N);
     }
     if (req.logprobs) std::fill(req.logprobs, req.logprobs + N, 0.0f);
     if (req.entropy) std::fill(req.entropy, req.entropy + N, 0.0f);
@@ -361,19 +494,25 @@ struct Model::Impl {
       // Rows that predict the targets, gathered: hs [chunk, C] -> logits [chunk, V]. A
       // retained forward keeps all K rows of logits (in r_head_logits, whose memory is
       // reused from step to step); otherwise one chunk of scratch at a time.
-      std::vector<float> lp(static_cast<size_t>(K)), ent(req.entropy ? static_cast<size_t>(K) : 0);
+      std::vector<int64_t> head_rows(static_cast<size_t>(K));
+      for (int64_t i = 0; i < K; ++i) head_rows[i] = targets[i] - 1;
+      const int64_t* rows_d = d_head_rows.upload(head_rows.data(), K);
+      const int32_t* target_tokens_d = d_target_tokens.upload(target_tokens.data(), K);
+      float* lp_d = head_lp.reserve(K);
+      float* ent_d = req.entropy ? head_ent.reserve(K) : nullptr;
       const int64_t chunk = req.retain ? K : std::min<int64_t>(K, kHeadChunk);
-      float* logits_base = req.retain ? grow(r_head_logits, K * Vv) : grow(head_scratch, chunk * Vv);
-      float* hs = grow(head_hs, chunk * c);
+      float* logits_base = req.retain ? r_head_logits.reserve(K * Vv) : head_scratch.reserve(chunk * Vv);
+      float* hs = head_hs.reserve(chunk * c);
       for (int64_t k0 = 0; k0 < K; k0 += chunk) {
         const int64_t kn = std::min(chunk, K - k0);
-        for (int64_t i = 0; i < kn; ++i)
-          std::memcpy(hs + i * c, lnf + (targets[k0 + i] - 1) * c, sizeof(float) * c);
+        ops->gather_rows(kn, c, rows_d + k0, lnf, hs);
         float* logits = req.retain ? logits_base + k0 * Vv : logits_base;
-        linear_forward(kn, c, Vv, hs, P + layout.wte, nullptr, logits);
-        head_logprobs(kn, logits, target_tokens.data() + k0, lp.data() + k0,
-                      req.entropy ? ent.data() + k0 : nullptr);
+        linear_forward(*ops, kn, c, Vv, hs, P + layout.wte, nullptr, logits);
+        head_logprobs(kn, logits, target_tokens_d + k0, lp_d + k0, ent_d ? ent_d + k0 : nullptr);
       }
+      std::vector<float> lp(static_cast<size_t>(K)), ent(req.entropy ? static_cast<size_t>(K) : 0);
+      ops->copy_to_host(lp.data(), lp_d, sizeof(float) * K);
+      if (ent_d) ops->copy_to_host(ent.data(), ent_d, sizeof(float) * K);
       double nll = 0.0;
       for (int64_t i = 0; i < K; ++i) {
         if (req.logprobs) req.logprobs[targets[i]] = lp[i];
@@ -382,6 +521,7 @@ struct Model::Impl {
       }
       if (req.lm_loss) result.lm_loss = nll / static_cast<double>(K);
     }
+    ops->synchronize();  // a kernel's failure is this call's error, not the next one's
 
     if (req.retain) {
       r_B = B;
@@ -407,7 +547,7 @@ struct Model::Impl {
   }
 
   void ensure_grads() {
-    if (grads.empty()) grads.assign(static_cast<size_t>(layout.total), 0.0f);
+    if (grads.capacity() == 0) grads.reserve_zeroed(layout.total);
   }
 
   // ---- backward -------------------------------------------------------------------------------
@@ -447,22 +587,19 @@ struct Model::Impl {
     check(req.grad_values, "grad_values", false);
 
     ensure_grads();
-    const float* P = params.data();
-    float* G = grads.data();
-    float* dres = grow(bw_dres, N * c);  // d x of the current block (the residual stream)
-    float* dlnf = grow(bw_dlnf, N * c);  // d lnf
-    std::fill(dres, dres + N * c, 0.0f);
-    std::fill(dlnf, dlnf + N * c, 0.0f);
+    upload_params_written_on_host();
+    const float* P = params.get();
+    float* G = grads.get();
+    float* dres = bw_dres.reserve_zeroed(N * c);  // d x of the current block (the residual stream)
+    float* dlnf = bw_dlnf.reserve_zeroed(N * c);  // d lnf
 
     // Value head: values[r] = lnf[r] . w  ->  dlnf[r] += g[r] w;  dw += sum_r g[r] lnf[r].
     if (req.grad_values) {
       std::vector<float> g(static_cast<size_t>(N), 0.0f);
       for (int64_t r = 0; r < N; ++r)
         if (r_positions[r] >= 0) g[r] = req.grad_values[r];
-      const float* w = P + layout.value_head;
-      for (int64_t r = 0; r < N; ++r)
-        for (int64_t j = 0; j < c; ++j) dlnf[r * c + j] += g[r] * w[j];
-      cpu::matmul(false, false, 1, c, N, 1.0f, g.data(), N, lnf, c, 1.0f, G + layout.value_head, c);
+      ops->value_head_backward(N, c, row_grads.upload(g.data(), N), lnf, P + layout.value_head, dlnf,
+                               G + layout.value_head);
     }
 
     // LM head over the K target rows, in chunks: dlogits = d(loss)/d(logits) from the
@@ -477,72 +614,75 @@ struct Model::Impl {
         gent.resize(static_cast<size_t>(K));
         for (int64_t i = 0; i < K; ++i) gent[i] = req.grad_entropy[r_targets[i]];
       }
+      const float* glp_d = row_grads.upload(glp.data(), K);
+      const float* gent_d = gent.empty() ? nullptr : row_grads2.upload(gent.data(), K);
+      const int64_t* rows_d = d_head_rows.get();
       const int64_t chunk = std::min<int64_t>(K, kHeadChunk);
-      float* dlogits = grow(head_scratch, chunk * Vv);
-      float* hs = grow(head_hs, chunk * c);
-      float* dhs = grow(head_dhs, chunk * c);
+      float* dlogits = head_scratch.reserve(chunk * Vv);
+      float* hs = head_hs.reserve(chunk * c);
+      float* dhs = head_dhs.reserve(chunk * c);
       for (int64_t k0 = 0; k0 < K; k0 += chunk) {
         const int64_t kn = std::min(chunk, K - k0);
         LogprobsBackwardArgs a;
         a.batch = 1;
         a.steps = kn;
         a.vocab = Vv;
-        a.logits = r_head_logits.data() + k0 * Vv;
-        a.tokens = r_target_tokens.data() + k0;
-        a.grad_logprobs = glp.data() + k0;
-        a.grad_entropy = gent.empty() ? nullptr : gent.data() + k0;
+        a.logits = r_head_logits.get() + k0 * Vv;
+        a.tokens = d_target_tokens.get() + k0;
+        a.grad_logprobs = glp_d + k0;
+        a.grad_entropy = gent_d ? gent_d + k0 : nullptr;
         a.grad_logits = dlogits;
-        cpu::logprobs_backward(a);
-        for (int64_t i = 0; i < kn; ++i)
-          std::memcpy(hs + i * c, lnf + (r_targets[k0 + i] - 1) * c, sizeof(float) * c);
-        linear_backward(kn, c, Vv, dlogits, hs, P + layout.wte, dhs, false, G + layout.wte, nullptr);
-        for (int64_t i = 0; i < kn; ++i)
-          cpu::accumulate(c, dhs + i * c, dlnf + (r_targets[k0 + i] - 1) * c);
+        ops->logprobs_backward(a);
+        ops->gather_rows(kn, c, rows_d + k0, lnf, hs);
+        linear_backward(*ops, kn, c, Vv, dlogits, hs, P + layout.wte, dhs, false, G + layout.wte, nullptr);
+        ops->scatter_add_rows(kn, c, rows_d + k0, dhs, dlnf);
       }
     }
 
     // Final LayerNorm: dres = d x_L.
     const float* xL = cfg.n_layer > 0 ? blocks[cfg.n_layer - 1].x3 : x0;
-    cpu::layernorm_backward(N, c, dlnf, xL, P + layout.ln_f_weight, lnf_mean, lnf_rstd, dres,
+    ops->layernorm_backward(N, c, dlnf, xL, P + layout.ln_f_weight, lnf_mean, lnf_rstd, dres,
                             G + layout.ln_f_weight, G + layout.ln_f_bias);
 
     // Blocks in reverse. dres holds d x3 (the block's output) on entry and d x on exit.
-    float* dfchg = grow(bw_dfchg, N * 4 * c);  // d GELU output
-    float* dfch = grow(bw_dfch, N * 4 * c);    // d GELU input
-    float* dqkv = grow(bw_dqkv, N * 3 * c);
-    float* dsmall = grow(bw_dsmall, N * c);    // d ln1, d ln2, d atty in turn
+    float* dfchg = bw_dfchg.reserve(N * 4 * c);  // d GELU output
+    float* dfch = bw_dfch.reserve(N * 4 * c);    // d GELU input
+    float* dqkv = bw_dqkv.reserve(N * 3 * c);
+    float* dsmall = bw_dsmall.reserve(N * c);    // d ln1, d ln2, d atty in turn
+    const int32_t* lengths_d = d_lengths.get();
     for (int64_t l = cfg.n_layer - 1; l >= 0; --l) {
       const BlockOffsets& o = layout.blocks[l];
       const BlockActs& a = blocks[l];
       const float* x = l > 0 ? blocks[l - 1].x3 : x0;
       // x3 = x2 + fchg Wp^T + bp
-      linear_backward(N, 4 * c, c, dres, a.fchg, P + o.fc_proj_weight, dfchg, false,
+      linear_backward(*ops, N, 4 * c, c, dres, a.fchg, P + o.fc_proj_weight, dfchg, false,
                       G + o.fc_proj_weight, G + o.fc_proj_bias);
-      std::fill(dfch, dfch + N * 4 * c, 0.0f);
-      cpu::gelu_backward(N * 4 * c, a.fch, dfchg, dfch);
-      linear_backward(N, c, 4 * c, dfch, a.ln2, P + o.fc_weight, dsmall, false, G + o.fc_weight,
+      ops->zero(dfch, sizeof(float) * N * 4 * c);
+      ops->gelu_backward(N * 4 * c, a.fch, dfchg, dfch);
+      linear_backward(*ops, N, c, 4 * c, dfch, a.ln2, P + o.fc_weight, dsmall, false, G + o.fc_weight,
                       G + o.fc_bias);
       // dres += LayerNorm_2 backward (dres already holds the residual path's d x2)
-      cpu::layernorm_backward(N, c, dsmall, a.x2, P + o.ln_2_weight, a.mean2, a.rstd2, dres,
+      ops->layernorm_backward(N, c, dsmall, a.x2, P + o.ln_2_weight, a.mean2, a.rstd2, dres,
                               G + o.ln_2_weight, G + o.ln_2_bias);
       // x2 = x + atty Wproj^T + bproj
-      linear_backward(N, c, c, dres, a.atty, P + o.attn_proj_weight, dsmall, false,
+      linear_backward(*ops, N, c, c, dres, a.atty, P + o.attn_proj_weight, dsmall, false,
                       G + o.attn_proj_weight, G + o.attn_proj_bias);
-      std::fill(dqkv, dqkv + N * 3 * c, 0.0f);
-      cpu::attention_backward(B, T, c, H, r_lengths.data(), dsmall, a.qkv, a.att, dqkv);
-      linear_backward(N, c, 3 * c, dqkv, a.ln1, P + o.attn_weight, dsmall, false,
+      ops->zero(dqkv, sizeof(float) * N * 3 * c);
+      ops->attention_backward(B, T, c, H, lengths_d, dsmall, a.qkv, a.atty, a.att, dqkv);
+      linear_backward(*ops, N, c, 3 * c, dqkv, a.ln1, P + o.attn_weight, dsmall, false,
                       G + o.attn_weight, G + o.attn_bias);
-      cpu::layernorm_backward(N, c, dsmall, x, P + o.ln_1_weight, a.mean1, a.rstd1, dres,
+      ops->layernorm_backward(N, c, dsmall, x, P + o.ln_1_weight, a.mean1, a.rstd1, dres,
                               G + o.ln_1_weight, G + o.ln_1_bias);
     }
-    cpu::embedding_backward(N, c, dres, r_tokens.data(), r_positions.data(), G + layout.wte,
+    ops->embedding_backward(N, c, dres, d_tokens.get(), d_positions.get(), G + layout.wte,
                             G + layout.wpe);
+    ops->synchronize();
   }
 
   // ---- optimizer --------------------------------------------------------------------------------
   double grad_norm() const {
-    if (grads.empty()) return 0.0;
-    return std::sqrt(cpu::sum_of_squares(layout.total, grads.data()));
+    if (grads.capacity() == 0) return 0.0;
+    return std::sqrt(ops->sum_of_squares(layout.total, grads.get()));
   }
 
   StepResult step(const AdamWOptions& o) {
@@ -568,23 +708,26 @@ struct Model::Impl {
             "the gradients hold NaN or infinity; the step was not taken (zero_grad() to discard them)",
             "grads");
     if (o.max_grad_norm > 0.0 && result.grad_norm > o.max_grad_norm) {
-      cpu::scale_in_place(layout.total, grads.data(), static_cast<float>(o.max_grad_norm / (result.grad_norm + 1e-6)));
+      ops->scale_in_place(layout.total, grads.get(), static_cast<float>(o.max_grad_norm / (result.grad_norm + 1e-6)));
       result.clipped = true;
     }
-    if (adam_m.empty()) {
-      adam_m.assign(static_cast<size_t>(layout.total), 0.0f);
-      adam_v.assign(static_cast<size_t>(layout.total), 0.0f);
+    if (adam_m.capacity() == 0) {
+      adam_m.reserve_zeroed(layout.total);
+      adam_v.reserve_zeroed(layout.total);
     }
+    upload_params_written_on_host();
     ++adam_steps;
     for (const ParamTensor& t : layout.tensors) {
       bool decay = t.kind == ParamKind::Matrix || t.kind == ParamKind::Head;
       if (t.kind == ParamKind::Embedding) decay = o.decay_embeddings;
       if (t.kind == ParamKind::Bias || t.kind == ParamKind::Norm) decay = o.decay_biases_and_norms;
-      cpu::adamw_update(t.numel, params.data() + t.offset, grads.data() + t.offset, adam_m.data() + t.offset,
-                        adam_v.data() + t.offset, static_cast<float>(o.lr), static_cast<float>(o.beta1),
+      ops->adamw_update(t.numel, params.get() + t.offset, grads.get() + t.offset, adam_m.get() + t.offset,
+                        adam_v.get() + t.offset, static_cast<float>(o.lr), static_cast<float>(o.beta1),
                         static_cast<float>(o.beta2), static_cast<float>(o.eps),
                         decay ? static_cast<float>(o.weight_decay) : 0.0f, adam_steps);
     }
+    ops->synchronize();
+    params_host_valid = false;
     result.step = adam_steps;
     return result;
   }
@@ -602,12 +745,6 @@ struct Model::Impl {
                 std::to_string(o.max_new_tokens) + ") exceeds the model's context (n_positions " +
                 std::to_string(cfg.n_positions) + ")",
             "max_new_tokens");
-    SamplingParams sp;
-    sp.greedy = o.greedy;
-    sp.temperature = static_cast<float>(o.temperature);
-    sp.top_k = o.top_k;
-    sp.top_p = static_cast<float>(o.top_p);
-    sp.repetition_penalty = static_cast<float>(o.repetition_penalty);
     require(std::isfinite(o.temperature) && o.temperature > 0.0, ErrorCode::InvalidArgument,
             "temperature must be > 0, got " + std::to_string(o.temperature), "temperature");
     require(o.top_k >= 0, ErrorCode::InvalidArgument, "top_k must be >= 0", "top_k");
@@ -621,17 +758,19 @@ struct Model::Impl {
               "stop token " + std::to_string(s) + " is outside the vocabulary", "stop_tokens");
 
     has_retained = false;
+    upload_params_written_on_host();
     const int64_t cache_T = longest + o.max_new_tokens;
     const int64_t L = cfg.n_layer;
-    kv_cache.assign(static_cast<size_t>(2 * L * B * cache_T * c), 0.0f);
+    float* kv = kv_cache.reserve_zeroed(2 * L * B * cache_T * c);
 
     // Prefill: the prompts through the blocks, k and v into the cache.
     std::vector<int32_t> positions, lengths;
     row_positions(prompts, positions, lengths);
     prepare_arena(B, T, false);
-    const float* P = params.data();
-    cpu::embedding_forward(B * T, c, prompts.tokens, positions.data(), P + layout.wte, P + layout.wpe, x0);
-    run_blocks(B, T, lengths.data(), kv_cache.data(), cache_T);
+    const float* P = params.get();
+    ops->embedding_forward(B * T, c, d_tokens.upload(prompts.tokens, B * T), d_positions.upload(positions.data(), B * T),
+                           P + layout.wte, P + layout.wpe, x0);
+    run_blocks(B, T, d_lengths.upload(lengths.data(), B), kv, cache_T);
 
     GenerateResult out;
     out.batch = B;
@@ -641,58 +780,94 @@ struct Model::Impl {
     out.lengths.assign(static_cast<size_t>(B), 0);
     out.stopped.assign(static_cast<size_t>(B), 0);
 
-    // The hidden state that predicts each row's next token: [B, C].
-    std::vector<float> hidden(static_cast<size_t>(B * c));
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(hidden.data() + b * c, lnf + (b * T + lengths[b] - 1) * c, sizeof(float) * c);
+    // The hidden state that predicts each row's next token: [B, C], gathered from the last
+    // prompt position of each row.
+    std::vector<int64_t> last_rows(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) last_rows[b] = b * T + lengths[b] - 1;
+    float* hidden = gen_hidden.reserve(B * c);
+    ops->gather_rows(B, c, gen_rows.upload(last_rows.data(), B), lnf, hidden);
 
+    // Sampling state on the host (each row's Rng stream, its penalized ids, whether it is
+    // still going); the draws, ids and counts go to the device each step, and the chosen
+    // tokens, their log-probs and a status per row come back: 3 numbers a row.
     std::vector<Rng> rngs;
     for (int64_t b = 0; b < B; ++b) rngs.emplace_back(o.seed, static_cast<uint64_t>(b));
-    std::vector<std::vector<int32_t>> penalized(static_cast<size_t>(B));
+    const bool penalize = o.repetition_penalty != 1.0;
+    const int64_t stride = cache_T;  // a row never holds more ids than its final length
+    std::vector<int32_t> penalized(static_cast<size_t>(B * stride), 0), penalized_count(static_cast<size_t>(B), 0);
     if (o.penalize_prompt)
-      for (int64_t b = 0; b < B; ++b)
-        penalized[b].assign(prompts.tokens + b * T, prompts.tokens + b * T + lengths[b]);
-    std::vector<float> logits(static_cast<size_t>(B * Vv));
-    std::vector<float> work(static_cast<size_t>(Vv)), scratch(static_cast<size_t>(2 * Vv));
-    std::vector<int32_t> next(static_cast<size_t>(B)), cur_pos(static_cast<size_t>(B));
-    std::vector<uint8_t> active(static_cast<size_t>(B), 1);
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy(prompts.tokens + b * T, prompts.tokens + b * T + lengths[b], penalized.begin() + b * stride);
+        penalized_count[b] = lengths[b];
+      }
+    std::vector<int32_t> active(static_cast<size_t>(B), 1), next(static_cast<size_t>(B), 0),
+        cur_pos(static_cast<size_t>(B)), chosen(static_cast<size_t>(B)), status(static_cast<size_t>(B));
+    std::vector<double> uniforms(static_cast<size_t>(B), 0.0);
+    std::vector<float> chosen_logprobs(static_cast<size_t>(B));
+    std::vector<int32_t> no_penalty(static_cast<size_t>(B), 0);
+
+    float* logits = gen_logits.reserve(B * Vv);
+    SampleTokensArgs sa;
+    sa.rows = B;
+    sa.vocab = Vv;
+    sa.logits = logits;
+    sa.scratch = gen_scratch.reserve(B * Vv);
+    sa.penalized_stride = stride;
+    sa.greedy = o.greedy;
+    sa.temperature = static_cast<float>(o.temperature);
+    sa.top_k = o.top_k;
+    sa.top_p = static_cast<float>(o.top_p);
+    sa.repetition_penalty = static_cast<float>(o.repetition_penalty);
+    sa.tokens = gen_tokens_out.reserve(B);
+    sa.logprobs = gen_logprobs_out.reserve(B);
+    sa.status = gen_status.reserve(B);
+    if (!penalize) {  // ids are never read: no uploads per step
+      sa.penalized = gen_penalized.upload(penalized.data(), B);
+      sa.penalized_count = gen_penalized_count.upload(no_penalty.data(), B);
+      sa.penalized_stride = 0;
+    }
 
     // A decoding step's activations: one block's worth for B rows, shared by the blocks
     // (as in an unretained forward), then the final LayerNorm's statistics.
-    std::vector<float> step_buffer(static_cast<size_t>(B * c + block_floats(B, 1, false) + 2 * B));
-    float* step_x = step_buffer.data();
+    float* step_x = gen_step.reserve(B * c + block_floats(B, 1, false) + 2 * B);
     float* carve_from = step_x + B * c;
     const BlockActs step = carve_block(carve_from, B, 1, false);
     float* step_mean = carve_from;
     float* step_rstd = carve_from + B;
 
     for (int64_t s = 0; s < o.max_new_tokens; ++s) {
-      // Logits of every active row, then sample.
-      linear_forward(B, c, Vv, hidden.data(), P + layout.wte, nullptr, logits.data());
+      // Logits of every row, then sample the active ones.
+      linear_forward(*ops, B, c, Vv, hidden, P + layout.wte, nullptr, logits);
+      if (!o.greedy)
+        for (int64_t b = 0; b < B; ++b)
+          if (active[b]) uniforms[b] = rngs[b].uniform();
+      if (penalize) {
+        sa.penalized = gen_penalized.upload(penalized.data(), B * stride);
+        sa.penalized_count = gen_penalized_count.upload(penalized_count.data(), B);
+      }
+      sa.active = gen_active.upload(active.data(), B);
+      sa.uniforms = gen_uniforms.upload(uniforms.data(), B);
+      ops->sample_tokens(sa);
+      ops->copy_to_host(status.data(), sa.status, sizeof(int32_t) * B);
+      ops->copy_to_host(chosen.data(), sa.tokens, sizeof(int32_t) * B);
+      ops->copy_to_host(chosen_logprobs.data(), sa.logprobs, sizeof(float) * B);
       bool any = false;
       for (int64_t b = 0; b < B; ++b) {
         if (!active[b]) continue;
-        const float* row = logits.data() + b * Vv;
-        std::memcpy(work.data(), row, sizeof(float) * Vv);
-        int32_t tok = 0;
-        try {
-          tok = sample_token(work.data(), Vv, sp, penalized[b].data(), static_cast<int64_t>(penalized[b].size()),
-                             rngs[b], scratch.data());
-        } catch (const Error& e) {
-          // NaN, +inf or all -inf in the row: the model's own output, so its parameters.
-          if (e.code() != ErrorCode::NonFinite || e.argument() != "logits") throw;
+        if (status[b] == 1)  // NaN, +inf or all -inf in the row: the model's own output
           throw Error(ErrorCode::NonFinite,
                       "the model produced non-finite logits while generating (row " + std::to_string(b) +
-                          "): " + e.what(),
+                          "): NaN or +inf, or every logit -inf after the repetition penalty",
                       "params");
-        }
-        // Its log-prob under the model's own distribution (the raw row, temperature 1).
-        float logprob = 0.0f;
-        head_logprobs(1, row, &tok, &logprob, nullptr);
+        if (status[b] == 2)
+          throw Error(ErrorCode::NonFinite,
+                      "a logit of row " + std::to_string(b) + " / repetition_penalty overflows to +inf",
+                      "repetition_penalty");
+        const int32_t tok = chosen[b];
         out.tokens[b * o.max_new_tokens + s] = tok;
-        out.logprobs[b * o.max_new_tokens + s] = logprob;
+        out.logprobs[b * o.max_new_tokens + s] = chosen_logprobs[b];
         out.lengths[b] = static_cast<int32_t>(s + 1);
-        penalized[b].push_back(tok);
+        if (penalize) penalized[b * stride + penalized_count[b]++] = tok;
         if (std::find(o.stop_tokens.begin(), o.stop_tokens.end(), tok) != o.stop_tokens.end()) {
           out.stopped[b] = 1;
           active[b] = 0;
@@ -705,16 +880,17 @@ struct Model::Impl {
 
       // One decoding step: each active row's new token at position length + s.
       for (int64_t b = 0; b < B; ++b) cur_pos[b] = active[b] ? static_cast<int32_t>(lengths[b] + s) : -1;
-      cpu::embedding_forward(B, c, next.data(), cur_pos.data(), P + layout.wte, P + layout.wpe, step_x);
+      const int32_t* pos_d = gen_positions.upload(cur_pos.data(), B);
+      ops->embedding_forward(B, c, gen_next.upload(next.data(), B), pos_d, P + layout.wte, P + layout.wpe, step_x);
       const float* x = step_x;
       for (int64_t l = 0; l < L; ++l) {
-        float* k_cache = kv_cache.data() + 2 * l * B * cache_T * c;
+        float* k_cache = kv + 2 * l * B * cache_T * c;
         block_forward(l, B, x, step, [&](const float* qkv, float* atty) {
-          cpu::attention_decode(B, c, H, cur_pos.data(), qkv, cache_T, k_cache, k_cache + B * cache_T * c, atty);
+          ops->attention_decode(B, c, H, pos_d, qkv, cache_T, k_cache, k_cache + B * cache_T * c, atty);
         });
         x = step.x3;
       }
-      final_layernorm(B, x, hidden.data(), step_mean, step_rstd);
+      final_layernorm(B, x, hidden, step_mean, step_rstd);
     }
     return out;
   }
@@ -722,25 +898,13 @@ struct Model::Impl {
 
 // ---- Model ----------------------------------------------------------------------------------
 
-namespace {
-void require_cpu(const ModelOptions& options) {
-  require(options.device == Device::Cpu, ErrorCode::CudaUnavailable,
-          "the transformer engine runs on the CPU in this release (its CUDA backend comes later; the "
-          "RLHF kernels do run on CUDA): use device 'cpu'",
-          "device");
-}
-}  // namespace
-
 Model::Model(const ModelConfig& config, uint64_t seed, const ModelOptions& options) : impl_(new Impl) {
-  require_cpu(options);
-  impl_->cfg = config;
-  impl_->layout = parameter_layout(config);
-  impl_->options = options;
-  std::vector<float>& p = impl_->params;
-  p.assign(static_cast<size_t>(impl_->layout.total), 0.0f);
+  // Initialized on the host (the same numbers on every device), then uploaded.
+  const ParameterLayout layout = parameter_layout(config);
+  std::vector<float> p(static_cast<size_t>(layout.total), 0.0f);
   const double residual_std = 0.02 / std::sqrt(2.0 * static_cast<double>(config.n_layer));
   uint64_t stream = 0;
-  for (const ParamTensor& t : impl_->layout.tensors) {
+  for (const ParamTensor& t : layout.tensors) {
     // One random stream per tensor: a tensor's values do not depend on the others.
     Rng rng(seed, stream++);
     float* w = p.data() + t.offset;
@@ -754,19 +918,12 @@ Model::Model(const ModelConfig& config, uint64_t seed, const ModelOptions& optio
     const double sigma = residual_proj ? residual_std : 0.02;
     fill_normal(rng, w, t.numel, sigma);
   }
+  impl_->init(config, options, p);
 }
 
 Model::Model(const ModelConfig& config, std::vector<float> params, const ModelOptions& options)
     : impl_(new Impl) {
-  require_cpu(options);
-  impl_->cfg = config;
-  impl_->layout = parameter_layout(config);
-  impl_->options = options;
-  require(static_cast<int64_t>(params.size()) == impl_->layout.total, ErrorCode::ShapeMismatch,
-          "the parameter buffer holds " + std::to_string(params.size()) + " floats; the config needs " +
-              std::to_string(impl_->layout.total),
-          "params");
-  impl_->params = std::move(params);
+  impl_->init(config, options, params);
 }
 
 Model::~Model() = default;
@@ -775,22 +932,23 @@ const ModelConfig& Model::config() const { return impl_->cfg; }
 const ParameterLayout& Model::layout() const { return impl_->layout; }
 int64_t Model::parameter_count() const { return impl_->layout.total; }
 bool Model::trainable() const { return impl_->options.trainable; }
-const float* Model::params() const { return impl_->params.data(); }
-float* Model::mutable_params() { return impl_->params.data(); }
-const float* Model::grads() const { return impl_->grads.empty() ? nullptr : impl_->grads.data(); }
+Device Model::device() const { return impl_->ops->device; }
+const float* Model::params() const { return impl_->params_view(); }
+float* Model::mutable_params() { return impl_->mutable_params_view(); }
+const float* Model::grads() const { return impl_->host_view(impl_->grads, impl_->grads_host); }
 
 ForwardResult Model::forward(const TokenBatch& batch, const ForwardRequest& request) {
   return impl_->forward(batch, request);
 }
 void Model::backward(const BackwardRequest& request) { impl_->backward(request); }
 void Model::zero_grad() {
-  if (!impl_->grads.empty()) std::fill(impl_->grads.begin(), impl_->grads.end(), 0.0f);
+  if (impl_->grads.capacity() > 0) impl_->grads.reserve_zeroed(impl_->layout.total);
 }
 double Model::grad_norm() const { return impl_->grad_norm(); }
 StepResult Model::step(const AdamWOptions& options) { return impl_->step(options); }
 int64_t Model::optimizer_steps() const { return impl_->adam_steps; }
-const float* Model::optimizer_m() const { return impl_->adam_m.empty() ? nullptr : impl_->adam_m.data(); }
-const float* Model::optimizer_v() const { return impl_->adam_v.empty() ? nullptr : impl_->adam_v.data(); }
+const float* Model::optimizer_m() const { return impl_->host_view(impl_->adam_m, impl_->adam_m_host); }
+const float* Model::optimizer_v() const { return impl_->host_view(impl_->adam_v, impl_->adam_v_host); }
 
 void Model::set_optimizer_state(const float* m, const float* v, int64_t steps) {
   require(impl_->options.trainable, ErrorCode::InvalidArgument,
@@ -800,27 +958,30 @@ void Model::set_optimizer_state(const float* m, const float* v, int64_t steps) {
           "set_optimizer_state: give both moments or neither", "optimizer");
   const int64_t n = impl_->layout.total;
   if (m == nullptr) {
-    impl_->adam_m.clear();
-    impl_->adam_v.clear();
+    impl_->adam_m.release();
+    impl_->adam_v.release();
   } else {
     for (int64_t i = 0; i < n; ++i) {
       require(std::isfinite(m[i]) && std::isfinite(v[i]) && v[i] >= 0.0f, ErrorCode::NonFinite,
               "optimizer state: moment " + std::to_string(i) + " is not finite (or v < 0)", "optimizer");
     }
-    impl_->adam_m.assign(m, m + n);
-    impl_->adam_v.assign(v, v + n);
+    impl_->adam_m.upload(m, n);
+    impl_->adam_v.upload(v, n);
   }
   impl_->adam_steps = steps;
 }
 
 Model::Memory Model::estimate_memory(const ModelConfig& config, bool trainable, int64_t batch, int64_t steps,
-                                     int64_t generate_batch, int64_t generate_steps) {
+                                     int64_t generate_batch, int64_t generate_steps, Device device) {
   const int64_t f = sizeof(float);
   const int64_t P = parameter_layout(config).total;
   const int64_t c = config.n_embd, L = config.n_layer, Vv = config.vocab_size, H = config.n_head;
   auto block = [&](int64_t B, int64_t T, bool att) {
     const int64_t N = B * T;
-    return N * (c + 3 * c + c + c + c + 4 * c + 4 * c + c) + 4 * N + (att ? B * H * T * T : 0);
+    // What attention saves for backward: the probabilities on the CPU, a log-sum-exp per
+    // query row on CUDA (engine_ops.h's attention_saved_floats).
+    const int64_t saved = device == Device::Cuda ? B * H * T : B * H * T * T;
+    return N * (c + 3 * c + c + c + c + 4 * c + 4 * c + c) + 4 * N + (att ? saved : 0);
   };
   auto arena = [&](int64_t B, int64_t T, bool retain) {
     const int64_t N = B * T;
@@ -839,14 +1000,19 @@ GenerateResult Model::generate(const TokenBatch& prompts, const GenerateOptions&
 }
 
 Model::Memory Model::memory() const {
-  const int64_t f = sizeof(float);
-  return {static_cast<int64_t>(impl_->params.size()) * f, static_cast<int64_t>(impl_->grads.size()) * f,
-          static_cast<int64_t>(impl_->adam_m.size() + impl_->adam_v.size()) * f,
-          static_cast<int64_t>(impl_->arena.size() + impl_->r_head_logits.size() + impl_->bw_dres.size() +
-                               impl_->bw_dlnf.size() + impl_->bw_dfchg.size() + impl_->bw_dfch.size() +
-                               impl_->bw_dqkv.size() + impl_->bw_dsmall.size() + impl_->head_scratch.size() +
-                               impl_->head_hs.size() + impl_->head_dhs.size()) * f,
-          static_cast<int64_t>(impl_->kv_cache.size()) * f};
+  const Impl& m = *impl_;
+  int64_t activations = 0;
+  for (const DeviceArray<float>* a :
+       {&m.arena, &m.r_head_logits, &m.bw_dres, &m.bw_dlnf, &m.bw_dfchg, &m.bw_dfch, &m.bw_dqkv, &m.bw_dsmall,
+        &m.head_scratch, &m.head_hs, &m.head_dhs, &m.head_lp, &m.head_ent, &m.row_grads, &m.row_grads2,
+        &m.out_staging, &m.gen_hidden, &m.gen_logits, &m.gen_scratch, &m.gen_step, &m.gen_logprobs_out})
+    activations += a->bytes();
+  for (const DeviceArray<int32_t>* a :
+       {&m.d_tokens, &m.d_positions, &m.d_lengths, &m.d_target_tokens, &m.gen_penalized, &m.gen_penalized_count,
+        &m.gen_active, &m.gen_next, &m.gen_positions, &m.gen_tokens_out, &m.gen_status})
+    activations += a->bytes();
+  activations += m.d_head_rows.bytes() + m.gen_rows.bytes() + m.gen_uniforms.bytes();
+  return {m.params.bytes(), m.grads.bytes(), m.adam_m.bytes() + m.adam_v.bytes(), activations, m.kv_cache.bytes()};
 }
 
 }  // namespace ppo::model

@@ -1,6 +1,8 @@
-// The GPT-2 engine on the CPU: forward and backward passes, AdamW, gradient-norm
-// clipping, KV-cache generation and the scalar value head (the critic and the reward
-// model), for batches of right-padded variable-length sequences.
+// The GPT-2 engine, on the CPU or on CUDA (ModelOptions::device): forward and backward
+// passes, AdamW, gradient-norm clipping, KV-cache generation and the scalar value head
+// (the critic and the reward model), for batches of right-padded variable-length
+// sequences. The API is the same on both devices: tokens in and requested outputs out
+// are host arrays; everything else stays on the model's device.
 //
 // Memory (llm.c style): parameters in one flat buffer located by ParameterLayout;
 // gradients and the AdamW moments in the same layout, allocated only when first needed
@@ -147,6 +149,13 @@ class Model {
   int64_t parameter_count() const;
   bool trainable() const;
 
+  Device device() const;
+
+  // Host views of the model's state. On the CPU they are the buffers themselves; on CUDA
+  // each call copies the device's values to a host buffer the model owns (valid until
+  // the next call of the same method), so ask only when needed. Parameters written
+  // through mutable_params() are uploaded before the next pass (forward, backward,
+  // step, generate) on either device.
   const float* params() const;
   float* mutable_params();
   // The gradient buffer (nullptr until the first backward()).
@@ -181,8 +190,10 @@ class Model {
   // What a model of `config` will hold when it trains on batches of up to
   // [batch, steps] (retained forward and backward when trainable) and generates
   // [generate_batch] rows of up to generate_steps positions: before allocating anything.
+  // On `device` (what attention keeps for backward differs).
   static Memory estimate_memory(const ModelConfig& config, bool trainable, int64_t batch, int64_t steps,
-                                int64_t generate_batch, int64_t generate_steps);
+                                int64_t generate_batch, int64_t generate_steps,
+                                Device device = Device::Cpu);
 
  private:
   struct Impl;

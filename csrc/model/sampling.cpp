@@ -203,8 +203,12 @@ uint64_t Rng::next_u64() {
 
 double Rng::uniform() { return static_cast<double>(next_u64() >> 11) * 0x1.0p-53; }
 
-int32_t sample_token(float* logits, int64_t vocab, const SamplingParams& params,
-                     const int32_t* penalized, int64_t n_penalized, Rng& rng, float* scratch) {
+namespace {
+// sample_token and sample_token_with_draw: the draw comes from *rng when it is given
+// (after every check has passed), else it is `draw`.
+int32_t sample_token_impl(float* logits, int64_t vocab, const SamplingParams& params,
+                          const int32_t* penalized, int64_t n_penalized, Rng* rng, double draw,
+                          float* scratch) {
   // ---- arguments ----
   const ErrorCode kBad = ErrorCode::InvalidArgument;
   if (vocab < 1 || vocab > std::numeric_limits<int32_t>::max())
@@ -273,7 +277,7 @@ int32_t sample_token(float* logits, int64_t vocab, const SamplingParams& params,
     return static_cast<int32_t>(i);
   }
 
-  const double u = rng.uniform();
+  const double u = rng != nullptr ? rng->uniform() : draw;
   const bool use_k = params.top_k > 0 && params.top_k < vocab;
   const bool use_p = top_p < 1.0f;
   float* w = scratch;
@@ -337,6 +341,21 @@ int32_t sample_token(float* logits, int64_t vocab, const SamplingParams& params,
   // logits (gathering w[ids[j]] in place would overwrite weights not yet gathered).
   for (int64_t j = 0; j < n; ++j) w[j] = cpu::fast_exp((logits[ids[j]] - m) / T);
   return sample_ranked(n, ids, w, total, true, top_p, u);
+}
+
+}  // namespace
+
+int32_t sample_token(float* logits, int64_t vocab, const SamplingParams& params,
+                     const int32_t* penalized, int64_t n_penalized, Rng& rng, float* scratch) {
+  return sample_token_impl(logits, vocab, params, penalized, n_penalized, &rng, 0.0, scratch);
+}
+
+int32_t sample_token_with_draw(float* logits, int64_t vocab, const SamplingParams& params,
+                               const int32_t* penalized, int64_t n_penalized, double u,
+                               float* scratch) {
+  require(u >= 0.0 && u < 1.0, ErrorCode::InvalidArgument,
+          "the draw u must be in [0, 1), got " + std::to_string(u), "u");
+  return sample_token_impl(logits, vocab, params, penalized, n_penalized, nullptr, u, scratch);
 }
 
 }  // namespace ppo::model

@@ -63,4 +63,12 @@ struct SamplingParams {
 int32_t sample_token(float* logits, int64_t vocab, const SamplingParams& params,
                      const int32_t* penalized, int64_t n_penalized, Rng& rng, float* scratch);
 
+// The same with the draw u in [0, 1) given (ignored when greedy): what a device kernel
+// reproduces from a draw made on the host, and what generate() runs on the CPU, so the
+// CPU and CUDA paths take their draws the same way. Throws as sample_token, plus
+// InvalidArgument naming "u" outside [0, 1).
+int32_t sample_token_with_draw(float* logits, int64_t vocab, const SamplingParams& params,
+                               const int32_t* penalized, int64_t n_penalized, double u,
+                               float* scratch);
+
 }  // namespace ppo::model

@@ -1,0 +1,851 @@
+// The elementwise and per-row layers of the GPT-2 engine on CUDA (engine_kernels.h):
+// bias, LayerNorm, GELU, residual adds, token/position embeddings and the row ops of the
+// heads. The math of each op is its CPU twin's (cpu/layers.h, cpu/attention.h for the
+// embedding/bias/residual ops, core/engine_ops.h for the head ops), argument checks
+// included (the same messages and argument names).
+//
+// Launch shapes:
+//   - elementwise ops (GELU, add, accumulate): 1-D grid-stride loops;
+//   - row ops on [rows, C] (add_bias, embedding_forward, gather/scatter, ...): a 2-D grid,
+//     x = tiles of kThreads channels, y = rows (grid-striding), so a warp reads or
+//     writes 32 consecutive floats of one row;
+//   - per-row reductions (LayerNorm, value head): one warp per row; its lanes take the
+//     row's channels lane-strided, then combine in a butterfly (every lane ends with the
+//     same bits, IEEE addition being commutative).
+//
+// Determinism (no floating-point atomics; every split of work is a function of shapes):
+//   - column sums over rows (bias_backward, LayerNorm's weight/bias gradient, the value
+//     head's weight gradient) are two-stage: stage 1 sums fixed chunks of rows into
+//     partials [K][chunks][C] (the CPU's chunking: cpu/layers.cpp), stage 2 sums the
+//     partials of each channel in a fixed order and adds the total into the gradient;
+//   - embedding_backward stable-sorts the rows by token id (and by position), so the
+//     rows that hit the same table row form one contiguous segment in row order; one
+//     thread per (segment, channel) adds them into the table row in that order, the
+//     CPU's exact sequence of float additions (bit-identical to cpu::embedding_backward).
+//
+// Index arrays (tokens, positions, index) live on the device, so their values are not
+// validated here: the caller validates ids (< vocab) and positions (< n_positions).
+// Negative ids/indices are harmless (such rows are skipped or written as 0), but an id
+// past the end of its table is read or written out of bounds.
+#include <cuda_runtime.h>
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "core/error.h"
+#include "cpu/arg_checks.h"
+#include "cuda/cuda_check.h"
+#include "cuda/device_common.cuh"
+#include "cuda/engine_kernels.h"
+
+namespace ppo::cuda {
+namespace {
+
+using cpu::require_data;
+using cpu::require_size;
+
+constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+constexpr int64_t kMaxGridY = 65535;
+
+// ---- scratch -----------------------------------------------------------------------------
+// Grow-only device scratch, one per host thread, kept for the thread's lifetime: the
+// backward ops run many times per step, and a cudaMalloc/cudaFree pair per call would
+// synchronize the device each time. A thread's ops are queued in order on its default
+// stream, so an op reusing the area runs after the kernels of the previous op that used
+// it; growing frees the old area with cudaFree, which first waits for the device.
+class ThreadScratch {
+ public:
+  ThreadScratch() = default;
+  ThreadScratch(const ThreadScratch&) = delete;
+  ThreadScratch& operator=(const ThreadScratch&) = delete;
+  ~ThreadScratch() {
+    if (ptr_ != nullptr) (void)cudaFree(ptr_);  // a destructor must not throw
+  }
+
+  void* get(size_t bytes) {
+    if (bytes > bytes_) {
+      if (ptr_ != nullptr) {
+        void* old = ptr_;
+        ptr_ = nullptr;
+        bytes_ = 0;
+        PPO_CUDA_CHECK(cudaFree(old));
+      }
+      ptr_ = PPO_CUDA_MALLOC(bytes);
+      bytes_ = bytes;
+    }
+    return ptr_;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+ThreadScratch& thread_scratch() {
+  thread_local ThreadScratch scratch;
+  return scratch;
+}
+
+// Sub-buffers carved out of one scratch area, each aligned to 256 bytes.
+constexpr size_t kScratchAlign = 256;
+inline size_t align_up(size_t bytes) {
+  return (bytes + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+}
+
+// ---- launch shapes -----------------------------------------------------------------------
+// Grid of a row op over [rows, cols] (rows, cols > 0): x covers the columns in tiles of
+// kThreads, y covers the rows (the kernels grid-stride over rows beyond it).
+dim3 row_tile_grid(int64_t rows, int64_t cols) {
+  const int64_t tiles = ceil_div(cols, kThreads);
+  const int64_t y =
+      std::min({rows, kMaxGridY, std::max<int64_t>(1, kMaxElementwiseBlocks / tiles)});
+  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(y));
+}
+
+// Grid of a warp-per-row kernel over rows > 0 rows.
+unsigned warp_row_blocks(int64_t rows) {
+  return static_cast<unsigned>(std::min(ceil_div(rows, kWarpsPerBlock), kMaxElementwiseBlocks));
+}
+
+__device__ __forceinline__ int64_t row_tile_column() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+// Global warp index and warp count of a warp-per-row kernel.
+__device__ __forceinline__ int64_t global_warp_index() {
+  return static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+}
+__device__ __forceinline__ int64_t grid_warp_count() {
+  return static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+}
+
+// Sum over the warp in a butterfly: every lane gets the same bits.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(kFullWarp, v, offset);
+  }
+  return v;
+}
+
+// ---- deterministic column sums -----------------------------------------------------------
+// Chunking of the rows (cpu/layers.cpp's kMaxGradChunks / kMinRowsPerChunk): a function of
+// `rows` only, at most 64 chunks of at least 8 rows, no empty trailing chunk.
+constexpr int64_t kMaxGradChunks = 64;
+constexpr int64_t kMinRowsPerChunk = 8;
+
+struct RowChunks {
+  int64_t count;
+  int64_t rows_per_chunk;
+};
+
+RowChunks row_chunks(int64_t rows) {
+  int64_t chunks = std::min(kMaxGradChunks, ceil_div(rows, kMinRowsPerChunk));
+  const int64_t rows_per_chunk = ceil_div(rows, chunks);
+  chunks = ceil_div(rows, rows_per_chunk);
+  return {chunks, rows_per_chunk};
+}
+
+// Column-sum kernels run blocks of (32 channels) x (kSlots slots): slot s takes the rows
+// (or chunks) s, s + kSlots, ... of its range in order, and the slots are then added in
+// slot order. A warp reads 32 consecutive floats of a row (128 bytes).
+constexpr int kSlots = kThreads / kWarpSize;
+
+// Adds v over the block's slots in slot order; the totals are valid in slot 0
+// (threadIdx.y == 0). Every thread of the block must call it, once per kernel.
+template <typename Acc, int K>
+__device__ __forceinline__ void sum_slots(Acc (&v)[K]) {
+  __shared__ Acc totals[K][kSlots][kWarpSize];
+#pragma unroll
+  for (int k = 0; k < K; ++k) totals[k][threadIdx.y][threadIdx.x] = v[k];
+  __syncthreads();
+  if (threadIdx.y == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      Acc s = totals[k][0][threadIdx.x];
+      for (int slot = 1; slot < kSlots; ++slot) s += totals[k][slot][threadIdx.x];
+      v[k] = s;
+    }
+  }
+}
+
+// Stage 1. grid (ceil(C / 32), chunks), block (32, kSlots):
+//   partials[k][chunk][c] = sum over the chunk's rows r of term k of (r, c).
+// Term::operator()(r, c, acc) adds row r's K terms of channel c into acc.
+template <typename Acc, int K, typename Term>
+__global__ void __launch_bounds__(kThreads)
+    column_partials_kernel(Term term, int64_t rows, int64_t C, int64_t rows_per_chunk,
+                           Acc* __restrict__ partials) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t r0 = chunk * rows_per_chunk;
+  const int64_t r1 = min(rows, r0 + rows_per_chunk);
+  Acc acc[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc[k] = Acc(0);
+  if (c < C) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kSlots) term(r, c, acc);
+  }
+  sum_slots<Acc, K>(acc);
+  if (threadIdx.y == 0 && c < C) {
+    const int64_t chunks = gridDim.y;
+#pragma unroll
+    for (int k = 0; k < K; ++k) partials[(k * chunks + chunk) * C + c] = acc[k];
+  }
+}
+
+template <int K>
+struct Outputs {
+  float* p[K];
+};
+
+// Stage 2. grid (ceil(C / 32), K), block (32, kSlots): out.p[k][c] += sum over chunks
+// of partials[k][chunk][c] (slot s sums chunks s, s + kSlots, ...; then slot order), the
+// total added in Acc and rounded once.
+template <typename Acc, int K>
+__global__ void __launch_bounds__(kThreads)
+    column_partials_sum_kernel(const Acc* __restrict__ partials, int64_t chunks, int64_t C,
+                               Outputs<K> out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
+  const int k = blockIdx.y;
+  Acc acc[1] = {Acc(0)};
+  if (c < C) {
+    const Acc* p = partials + k * chunks * C;
+    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += kSlots) acc[0] += p[chunk * C + c];
+  }
+  sum_slots<Acc, 1>(acc);
+  if (threadIdx.y == 0 && c < C) {
+    float* o = out.p[k] + c;
+    *o = static_cast<float>(static_cast<Acc>(*o) + acc[0]);
+  }
+}
+
+// Runs both stages: out.p[k][c] += sum_r term_k(r, c) for rows, C > 0. `partials` holds
+// K * chunks.count * C Accs.
+template <typename Acc, int K, typename Term>
+void launch_column_sums(const Term& term, int64_t rows, int64_t C, RowChunks chunks,
+                        Acc* partials, Outputs<K> out) {
+  const dim3 block(kWarpSize, kSlots);
+  const unsigned channel_tiles = static_cast<unsigned>(ceil_div(C, kWarpSize));
+  column_partials_kernel<Acc, K, Term>
+      <<<dim3(channel_tiles, static_cast<unsigned>(chunks.count)), block>>>(
+          term, rows, C, chunks.rows_per_chunk, partials);
+  PPO_CUDA_CHECK_LAUNCH("column_partials_kernel");
+  column_partials_sum_kernel<Acc, K>
+      <<<dim3(channel_tiles, K), block>>>(partials, chunks.count, C, out);
+  PPO_CUDA_CHECK_LAUNCH("column_partials_sum_kernel");
+}
+
+// ---- bias --------------------------------------------------------------------------------
+// out [rows, C] += bias [C] broadcast over rows.
+__global__ void __launch_bounds__(kThreads)
+    add_bias_kernel(int64_t rows, int64_t C, const float* __restrict__ bias,
+                    float* __restrict__ out) {
+  const int64_t c = row_tile_column();
+  if (c >= C) return;
+  const float b = bias[c];
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) out[r * C + c] += b;
+}
+
+// bias_backward's term: grad_out[r, c].
+struct BiasTerm {
+  const float* __restrict__ grad_out;
+  int64_t C;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, float (&acc)[1]) const {
+    acc[0] += grad_out[r * C + c];
+  }
+};
+
+// ---- LayerNorm ---------------------------------------------------------------------------
+// Forward, one warp per row of C channels (cpu::layernorm_forward's math):
+//   pass 1: mean in double; pass 2: biased variance sum (x - mean)^2 / C in double
+//   (two-pass: no cancellation for large-mean rows); rstd = 1 / sqrt(var + eps) in double;
+//   pass 3: out = ((x - m_hi) - m_lo) * rstd * w + b in float, m_hi + m_lo the double
+//   mean split into two floats (x - m_hi exact for large-mean rows). The row's second
+//   and third reads mostly hit the caches.
+__global__ void __launch_bounds__(kThreads)
+    layernorm_forward_kernel(int64_t rows, int64_t C, const float* __restrict__ in,
+                             const float* __restrict__ weight, const float* __restrict__ bias,
+                             float eps, float* __restrict__ out, float* __restrict__ mean,
+                             float* __restrict__ rstd) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t row = global_warp_index(); row < rows; row += grid_warp_count()) {
+    const float* x = in + row * C;
+    float* y = out + row * C;
+
+    double sum = 0.0;
+    for (int64_t c = lane; c < C; c += kWarpSize) sum += static_cast<double>(x[c]);
+    const double m = warp_sum(sum) / static_cast<double>(C);
+
+    double ss = 0.0;
+    for (int64_t c = lane; c < C; c += kWarpSize) {
+      const double d = static_cast<double>(x[c]) - m;
+      ss += d * d;
+    }
+    const double var = warp_sum(ss) / static_cast<double>(C);
+    const double rs = 1.0 / sqrt(var + static_cast<double>(eps));
+
+    const float m_hi = static_cast<float>(m);
+    const float m_lo = static_cast<float>(m - static_cast<double>(m_hi));
+    const float rsf = static_cast<float>(rs);
+    for (int64_t c = lane; c < C; c += kWarpSize) {
+      y[c] = (((x[c] - m_hi) - m_lo) * rsf) * weight[c] + bias[c];
+    }
+    if (lane == 0) {
+      mean[row] = m_hi;
+      rstd[row] = rsf;
+    }
+  }
+}
+
+// Backward, part 1: grad_in, one warp per row (cpu::layernorm_backward's math, in float).
+// With dn = w * dout and xhat = ((x - m_hi) - m_lo) * rstd:
+//   din = rstd * (dn - mean_c(dn) - xhat * mean_c(dn * xhat)),
+// m_lo = mean_c(x - m_hi) recovering the part of the mean the saved float dropped, and
+// sum_c dn * xhat = rstd * (sum_c dn (x - m_hi) - m_lo sum_c dn). Each lane sums its
+// C / 32 channels in float, then the butterfly. m_lo [rows] is saved for part 2.
+__global__ void __launch_bounds__(kThreads)
+    layernorm_backward_rows_kernel(int64_t rows, int64_t C, float inv_c,
+                                   const float* __restrict__ grad_out,
+                                   const float* __restrict__ in, const float* __restrict__ weight,
+                                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                                   float* __restrict__ grad_in, float* __restrict__ mean_lo) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t row = global_warp_index(); row < rows; row += grid_warp_count()) {
+    const float* g = grad_out + row * C;
+    const float* x = in + row * C;
+    float* gi = grad_in + row * C;
+    const float m_hi = mean[row];
+    const float rs = rstd[row];
+
+    float sum_dn = 0.0f, sum_dnd = 0.0f, sum_d = 0.0f;
+    for (int64_t c = lane; c < C; c += kWarpSize) {
+      const float dn = weight[c] * g[c];
+      const float d = x[c] - m_hi;
+      sum_dn += dn;
+      sum_dnd += dn * d;
+      sum_d += d;
+    }
+    sum_dn = warp_sum(sum_dn);
+    sum_dnd = warp_sum(sum_dnd);
+    sum_d = warp_sum(sum_d);
+    const float m_lo = sum_d * inv_c;
+    const float dn_mean = sum_dn * inv_c;
+    const float dnx_mean = rs * (sum_dnd - m_lo * sum_dn) * inv_c;
+
+    for (int64_t c = lane; c < C; c += kWarpSize) {
+      const float xhat = ((x[c] - m_hi) - m_lo) * rs;
+      const float dn = weight[c] * g[c];
+      gi[c] += ((dn - dn_mean) - xhat * dnx_mean) * rs;
+    }
+    if (lane == 0) mean_lo[row] = m_lo;
+  }
+}
+
+// Backward, part 2's terms: xhat[r, c] * grad_out[r, c] (weight) and grad_out[r, c]
+// (bias), xhat computed exactly as in part 1.
+struct LayerNormParamTerm {
+  const float* __restrict__ grad_out;
+  const float* __restrict__ in;
+  const float* __restrict__ mean;
+  const float* __restrict__ mean_lo;
+  const float* __restrict__ rstd;
+  int64_t C;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, float (&acc)[2]) const {
+    const float g = grad_out[r * C + c];
+    const float xhat = ((in[r * C + c] - mean[r]) - mean_lo[r]) * rstd[r];
+    acc[0] += xhat * g;
+    acc[1] += g;
+  }
+};
+
+// ---- GELU --------------------------------------------------------------------------------
+// cpu/layers.cpp's formulation: gelu(x) = x / (1 + e^(-2u)), u = sqrt(2/pi)(x + 0.044715 x^3)
+// (0.5 (1 + tanh u) = sigmoid(2u); no cancellation in either tail), with gelu and gelu'
+// set to exactly 0 where -2u > 80 and gelu' to 1 where -2u < -80. expf is accurate to
+// 2 ulp; it overflows to inf for -2u > 88.7, a case the selects replace.
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr float kGeluCubic = 0.044715f;
+constexpr float kGeluTailCut = 80.0f;
+
+// No __restrict__: out may equal in (each element is read before it is written).
+__global__ void __launch_bounds__(kThreads)
+    gelu_forward_kernel(int64_t n, const float* in, float* out) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_thread_count()) {
+    const float x = in[i];
+    const float t = -2.0f * kGeluScale * (x + kGeluCubic * x * x * x);  // -2u
+    const float y = x / (1.0f + expf(t));
+    out[i] = t > kGeluTailCut ? 0.0f : y;
+  }
+}
+
+// gelu'(x) = s + 2 x s (1 - s) du/dx, s = sigmoid(2u), 1 - s = e^(-2u) s,
+// du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+__global__ void __launch_bounds__(kThreads)
+    gelu_backward_kernel(int64_t n, const float* __restrict__ in,
+                         const float* __restrict__ grad_out, float* __restrict__ grad_in) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_thread_count()) {
+    const float x = in[i];
+    const float x2 = x * x;
+    const float t = -2.0f * kGeluScale * (x + kGeluCubic * x2 * x);  // -2u
+    const float du = kGeluScale * (1.0f + 3.0f * kGeluCubic * x2);
+    const float e = expf(t);
+    const float s = 1.0f / (1.0f + e);
+    const float s_one_minus_s = (e * s) * s;
+    float d = s + 2.0f * x * du * s_one_minus_s;
+    d = t > kGeluTailCut ? 0.0f : d;
+    d = t < -kGeluTailCut ? 1.0f : d;  // also replaces the NaN of inf * 0 for huge x
+    grad_in[i] += d * grad_out[i];
+  }
+}
+
+// ---- residual ----------------------------------------------------------------------------
+// No __restrict__: out may equal a or b.
+__global__ void __launch_bounds__(kThreads)
+    add_kernel(int64_t n, const float* a, const float* b, float* out) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_thread_count()) out[i] = a[i] + b[i];
+}
+
+__global__ void __launch_bounds__(kThreads)
+    accumulate_kernel(int64_t n, const float* __restrict__ x, float* __restrict__ y) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_thread_count()) y[i] += x[i];
+}
+
+// ---- embeddings --------------------------------------------------------------------------
+// out [rows, C]: wte[tokens[r], :] + wpe[positions[r], :], or 0 for padding
+// (positions[r] < 0; tokens[r] is then not read) and for a negative (garbage) token.
+__global__ void __launch_bounds__(kThreads)
+    embedding_forward_kernel(int64_t rows, int64_t C, const int32_t* __restrict__ tokens,
+                             const int32_t* __restrict__ positions, const float* __restrict__ wte,
+                             const float* __restrict__ wpe, float* __restrict__ out) {
+  const int64_t c = row_tile_column();
+  if (c >= C) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int32_t pos = positions[r];
+    const int32_t tok = pos < 0 ? -1 : tokens[r];
+    out[r * C + c] = tok < 0 ? 0.0f
+                             : wte[static_cast<int64_t>(tok) * C + c] +
+                                   wpe[static_cast<int64_t>(pos) * C + c];
+  }
+}
+
+// The sort keys of embedding_backward: token_keys[r] = tokens[r] and position_keys[r] =
+// positions[r] for the non-padding rows, -1 for padding (tokens[r] not read), and
+// row_ids[r] = r (the values the sort carries along). position_keys may be nullptr.
+__global__ void __launch_bounds__(kThreads)
+    embedding_sort_keys_kernel(int64_t rows, const int32_t* __restrict__ tokens,
+                               const int32_t* __restrict__ positions,
+                               int32_t* __restrict__ token_keys,
+                               int32_t* __restrict__ position_keys, int32_t* __restrict__ row_ids) {
+  for (int64_t r = global_thread_index(); r < rows; r += grid_thread_count()) {
+    const int32_t pos = positions[r];
+    token_keys[r] = pos < 0 ? -1 : tokens[r];
+    if (position_keys != nullptr) position_keys[r] = pos < 0 ? -1 : pos;
+    row_ids[r] = static_cast<int32_t>(r);
+  }
+}
+
+// End of the segment starting at i in keys sorted ascending (keys[i] == key): the first
+// j > i with keys[j] != key, or rows. Galloping then bisection, so a segment of length L
+// costs O(log L) loads (most segments are a single row).
+__device__ __forceinline__ int64_t segment_end(const int32_t* __restrict__ keys, int64_t rows,
+                                               int64_t i, int32_t key) {
+  int64_t lo = i;  // keys[lo] == key
+  int64_t hi = i + 1;
+  int64_t step = 1;
+  while (hi < rows && keys[hi] == key) {
+    lo = hi;
+    step *= 2;
+    hi = i + step;
+  }
+  hi = min(hi, rows);  // hi == rows or keys[hi] != key
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] == key) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return hi;
+}
+
+// table [*, C] += the rows of grad_out [rows, C] grouped by key: keys [rows] sorted
+// ascending (stable), order [rows] the original row of each sorted entry (ascending
+// within a key). Grid (channel tiles, sorted entries): the block at the first entry i
+// of a segment with key >= 0 adds its rows into table[key, :] in row order, one thread
+// per channel (the CPU's sequence of additions); the other entries return at once. One
+// thread owns each (key, channel): no two threads write the same element.
+__global__ void __launch_bounds__(kThreads)
+    embedding_segment_kernel(int64_t rows, int64_t C, const float* __restrict__ grad_out,
+                             const int32_t* __restrict__ keys, const int32_t* __restrict__ order,
+                             float* __restrict__ table) {
+  const int64_t c = row_tile_column();
+  if (c >= C) return;
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    const int32_t key = keys[i];
+    if (key < 0 || (i > 0 && keys[i - 1] == key)) continue;
+    const int64_t end = segment_end(keys, rows, i, key);
+    float* t = table + static_cast<int64_t>(key) * C + c;
+    float acc = *t;
+    int64_t j = i;
+    for (; j + 4 <= end; j += 4) {  // four independent loads in flight, added in order
+      const float g0 = grad_out[static_cast<int64_t>(order[j]) * C + c];
+      const float g1 = grad_out[static_cast<int64_t>(order[j + 1]) * C + c];
+      const float g2 = grad_out[static_cast<int64_t>(order[j + 2]) * C + c];
+      const float g3 = grad_out[static_cast<int64_t>(order[j + 3]) * C + c];
+      acc += g0;
+      acc += g1;
+      acc += g2;
+      acc += g3;
+    }
+    for (; j < end; ++j) acc += grad_out[static_cast<int64_t>(order[j]) * C + c];
+    *t = acc;
+  }
+}
+
+// ---- row ops of the heads ----------------------------------------------------------------
+// dst [rows, C]: dst[i, :] = src[index[i], :]; a negative (garbage) index gives a row of 0.
+__global__ void __launch_bounds__(kThreads)
+    gather_rows_kernel(int64_t rows, int64_t C, const int64_t* __restrict__ index,
+                       const float* __restrict__ src, float* __restrict__ dst) {
+  const int64_t c = row_tile_column();
+  if (c >= C) return;
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    const int64_t s = index[i];
+    dst[i * C + c] = s < 0 ? 0.0f : src[s * C + c];
+  }
+}
+
+// dst[index[i], :] += src[i, :] (indices distinct: each dst element has one writer);
+// a negative index is skipped.
+__global__ void __launch_bounds__(kThreads)
+    scatter_add_rows_kernel(int64_t rows, int64_t C, const int64_t* __restrict__ index,
+                            const float* __restrict__ src, float* __restrict__ dst) {
+  const int64_t c = row_tile_column();
+  if (c >= C) return;
+  for (int64_t i = blockIdx.y; i < rows; i += gridDim.y) {
+    const int64_t d = index[i];
+    if (d >= 0) dst[d * C + c] += src[i * C + c];
+  }
+}
+
+// data [rows, width]: rows with positions[r] < 0 set to 0, the others untouched.
+__global__ void __launch_bounds__(kThreads)
+    zero_padded_rows_kernel(int64_t rows, int64_t width, const int32_t* __restrict__ positions,
+                            float* __restrict__ data) {
+  const int64_t c = row_tile_column();
+  if (c >= width) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    if (positions[r] < 0) data[r * width + c] = 0.0f;
+  }
+}
+
+// out[r] = sum_c x[r, c] w[c] in double (one warp per row), 0 where positions[r] < 0.
+__global__ void __launch_bounds__(kThreads)
+    value_head_forward_kernel(int64_t rows, int64_t C, const float* __restrict__ x,
+                              const float* __restrict__ w, const int32_t* __restrict__ positions,
+                              float* __restrict__ out) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t row = global_warp_index(); row < rows; row += grid_warp_count()) {
+    if (positions[row] < 0) {  // warp-uniform
+      if (lane == 0) out[row] = 0.0f;
+      continue;
+    }
+    const float* xr = x + row * C;
+    double s = 0.0;
+    for (int64_t c = lane; c < C; c += kWarpSize) {
+      s += static_cast<double>(xr[c]) * static_cast<double>(w[c]);
+    }
+    s = warp_sum(s);
+    if (lane == 0) out[row] = static_cast<float>(s);
+  }
+}
+
+// grad_x [rows, C] += grad[r] * w[c].
+__global__ void __launch_bounds__(kThreads)
+    value_head_grad_x_kernel(int64_t rows, int64_t C, const float* __restrict__ grad,
+                             const float* __restrict__ w, float* __restrict__ grad_x) {
+  const int64_t c = row_tile_column();
+  if (c >= C) return;
+  const float wc = w[c];
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) grad_x[r * C + c] += grad[r] * wc;
+}
+
+// The value head's weight-gradient term, in double: grad[r] * x[r, c].
+struct ValueHeadTerm {
+  const float* __restrict__ grad;
+  const float* __restrict__ x;
+  int64_t C;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, double (&acc)[1]) const {
+    acc[0] += static_cast<double>(grad[r]) * static_cast<double>(x[r * C + c]);
+  }
+};
+
+}  // namespace
+
+// ==============================================================================================
+
+void add_bias(int64_t rows, int64_t channels, const float* bias, float* out) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(bias, "bias");
+  require_data(out, "out");
+  add_bias_kernel<<<row_tile_grid(rows, channels), kThreads>>>(rows, channels, bias, out);
+  PPO_CUDA_CHECK_LAUNCH("add_bias_kernel");
+}
+
+void bias_backward(int64_t rows, int64_t channels, const float* grad_out, float* grad_bias) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(grad_out, "grad_out");
+  require_data(grad_bias, "grad_bias");
+  const RowChunks chunks = row_chunks(rows);
+  float* partials = static_cast<float*>(
+      thread_scratch().get(static_cast<size_t>(chunks.count * channels) * sizeof(float)));
+  launch_column_sums<float, 1>(BiasTerm{grad_out, channels}, rows, channels, chunks, partials,
+                               Outputs<1>{{grad_bias}});
+}
+
+void layernorm_forward(int64_t rows, int64_t channels, const float* in, const float* weight,
+                       const float* bias, float eps, float* out, float* mean, float* rstd) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  require(channels > 0 || rows == 0, ErrorCode::InvalidArgument,
+          "channels must be >= 1 when rows > 0 (the mean of an empty row is undefined)",
+          "channels");
+  require(std::isfinite(eps) && eps >= 0.0f, ErrorCode::InvalidArgument,
+          "eps must be finite and >= 0", "eps");
+  if (rows == 0) return;
+  require_data(in, "in");
+  require_data(weight, "weight");
+  require_data(bias, "bias");
+  require_data(out, "out");
+  require_data(mean, "mean");
+  require_data(rstd, "rstd");
+  layernorm_forward_kernel<<<warp_row_blocks(rows), kThreads>>>(rows, channels, in, weight, bias,
+                                                                eps, out, mean, rstd);
+  PPO_CUDA_CHECK_LAUNCH("layernorm_forward_kernel");
+}
+
+void layernorm_backward(int64_t rows, int64_t channels, const float* grad_out, const float* in,
+                        const float* weight, const float* mean, const float* rstd, float* grad_in,
+                        float* grad_weight, float* grad_bias) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(grad_out, "grad_out");
+  require_data(in, "in");
+  require_data(weight, "weight");
+  require_data(mean, "mean");
+  require_data(rstd, "rstd");
+  require_data(grad_in, "grad_in");
+  require_data(grad_weight, "grad_weight");
+  require_data(grad_bias, "grad_bias");
+
+  // Scratch: m_lo [rows], then the partials [2][chunks][C] (weight, bias).
+  const RowChunks chunks = row_chunks(rows);
+  const size_t mean_lo_bytes = align_up(static_cast<size_t>(rows) * sizeof(float));
+  const size_t partial_bytes = static_cast<size_t>(2 * chunks.count * channels) * sizeof(float);
+  char* scratch = static_cast<char*>(thread_scratch().get(mean_lo_bytes + partial_bytes));
+  float* mean_lo = reinterpret_cast<float*>(scratch);
+  float* partials = reinterpret_cast<float*>(scratch + mean_lo_bytes);
+
+  const float inv_c = static_cast<float>(1.0 / static_cast<double>(channels));
+  layernorm_backward_rows_kernel<<<warp_row_blocks(rows), kThreads>>>(
+      rows, channels, inv_c, grad_out, in, weight, mean, rstd, grad_in, mean_lo);
+  PPO_CUDA_CHECK_LAUNCH("layernorm_backward_rows_kernel");
+  launch_column_sums<float, 2>(LayerNormParamTerm{grad_out, in, mean, mean_lo, rstd, channels},
+                               rows, channels, chunks, partials,
+                               Outputs<2>{{grad_weight, grad_bias}});
+}
+
+void gelu_forward(int64_t n, const float* in, float* out) {
+  require_size(n, "n");
+  if (n == 0) return;
+  require_data(in, "in");
+  require_data(out, "out");
+  gelu_forward_kernel<<<elementwise_blocks(n), kThreads>>>(n, in, out);
+  PPO_CUDA_CHECK_LAUNCH("gelu_forward_kernel");
+}
+
+void gelu_backward(int64_t n, const float* in, const float* grad_out, float* grad_in) {
+  require_size(n, "n");
+  if (n == 0) return;
+  require_data(in, "in");
+  require_data(grad_out, "grad_out");
+  require_data(grad_in, "grad_in");
+  gelu_backward_kernel<<<elementwise_blocks(n), kThreads>>>(n, in, grad_out, grad_in);
+  PPO_CUDA_CHECK_LAUNCH("gelu_backward_kernel");
+}
+
+void add(int64_t n, const float* a, const float* b, float* out) {
+  require_size(n, "n");
+  if (n == 0) return;
+  require_data(a, "a");
+  require_data(b, "b");
+  require_data(out, "out");
+  add_kernel<<<elementwise_blocks(n), kThreads>>>(n, a, b, out);
+  PPO_CUDA_CHECK_LAUNCH("add_kernel");
+}
+
+void accumulate(int64_t n, const float* x, float* y) {
+  require_size(n, "n");
+  if (n == 0) return;
+  require_data(x, "x");
+  require_data(y, "y");
+  accumulate_kernel<<<elementwise_blocks(n), kThreads>>>(n, x, y);
+  PPO_CUDA_CHECK_LAUNCH("accumulate_kernel");
+}
+
+void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
+                       const int32_t* positions, const float* wte, const float* wpe, float* out) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(tokens, "tokens");
+  require_data(positions, "positions");
+  require_data(wte, "wte");
+  require_data(wpe, "wpe");
+  require_data(out, "out");
+  embedding_forward_kernel<<<row_tile_grid(rows, channels), kThreads>>>(rows, channels, tokens,
+                                                                         positions, wte, wpe, out);
+  PPO_CUDA_CHECK_LAUNCH("embedding_forward_kernel");
+}
+
+void embedding_backward(int64_t rows, int64_t channels, const float* grad_out,
+                        const int32_t* tokens, const int32_t* positions, float* grad_wte,
+                        float* grad_wpe) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(grad_out, "grad_out");
+  require_data(tokens, "tokens");
+  require_data(positions, "positions");
+  require_data(grad_wte, "grad_wte");
+  require(rows <= INT_MAX, ErrorCode::InvalidArgument,
+          "rows must be <= " + std::to_string(INT_MAX) + " (row ids are sorted as int32), got " +
+              std::to_string(rows),
+          "rows");
+  const int n = static_cast<int>(rows);
+  const bool with_wpe = grad_wpe != nullptr;
+
+  // Temporary storage of the (stable, LSD) radix sort; the same for both sorts.
+  size_t sort_bytes = 0;
+  PPO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, sort_bytes, static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n, 0, 32,
+      cudaStream_t{0}));
+
+  // Scratch: [token keys, position keys, row ids, sorted keys, sorted row ids] of int32
+  // [rows] each (position keys unused without grad_wpe), then the sort's storage.
+  const size_t array_bytes = align_up(static_cast<size_t>(rows) * sizeof(int32_t));
+  char* scratch = static_cast<char*>(thread_scratch().get(5 * array_bytes + sort_bytes));
+  int32_t* token_keys = reinterpret_cast<int32_t*>(scratch);
+  int32_t* position_keys = reinterpret_cast<int32_t*>(scratch + array_bytes);
+  int32_t* row_ids = reinterpret_cast<int32_t*>(scratch + 2 * array_bytes);
+  int32_t* sorted_keys = reinterpret_cast<int32_t*>(scratch + 3 * array_bytes);
+  int32_t* sorted_rows = reinterpret_cast<int32_t*>(scratch + 4 * array_bytes);
+  void* sort_storage = scratch + 5 * array_bytes;
+
+  embedding_sort_keys_kernel<<<elementwise_blocks(rows), kThreads>>>(
+      rows, tokens, positions, token_keys, with_wpe ? position_keys : nullptr, row_ids);
+  PPO_CUDA_CHECK_LAUNCH("embedding_sort_keys_kernel");
+
+  const dim3 grid = row_tile_grid(rows, channels);
+  // Sorts (keys, row_ids) by key, stably, then adds each key's rows into table.
+  auto sort_and_add = [&](const int32_t* keys, float* table) {
+    size_t bytes = sort_bytes;
+    PPO_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_storage, bytes, keys, sorted_keys,
+                                                   static_cast<const int32_t*>(row_ids),
+                                                   sorted_rows, n, 0, 32, cudaStream_t{0}));
+    embedding_segment_kernel<<<grid, kThreads>>>(rows, channels, grad_out, sorted_keys,
+                                                  sorted_rows, table);
+    PPO_CUDA_CHECK_LAUNCH("embedding_segment_kernel");
+  };
+  sort_and_add(token_keys, grad_wte);
+  if (with_wpe) sort_and_add(position_keys, grad_wpe);
+}
+
+void gather_rows(int64_t rows, int64_t channels, const int64_t* index, const float* src,
+                 float* dst) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(index, "index");
+  require_data(src, "src");
+  require_data(dst, "dst");
+  gather_rows_kernel<<<row_tile_grid(rows, channels), kThreads>>>(rows, channels, index, src, dst);
+  PPO_CUDA_CHECK_LAUNCH("gather_rows_kernel");
+}
+
+void scatter_add_rows(int64_t rows, int64_t channels, const int64_t* index, const float* src,
+                      float* dst) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(index, "index");
+  require_data(src, "src");
+  require_data(dst, "dst");
+  scatter_add_rows_kernel<<<row_tile_grid(rows, channels), kThreads>>>(rows, channels, index, src,
+                                                                        dst);
+  PPO_CUDA_CHECK_LAUNCH("scatter_add_rows_kernel");
+}
+
+void zero_padded_rows(int64_t rows, int64_t width, const int32_t* positions, float* data) {
+  require_size(rows, "rows");
+  require_size(width, "width");
+  if (rows == 0 || width == 0) return;
+  require_data(positions, "positions");
+  require_data(data, "data");
+  zero_padded_rows_kernel<<<row_tile_grid(rows, width), kThreads>>>(rows, width, positions, data);
+  PPO_CUDA_CHECK_LAUNCH("zero_padded_rows_kernel");
+}
+
+void value_head_forward(int64_t rows, int64_t channels, const float* x, const float* w,
+                        const int32_t* positions, float* out) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0) return;  // channels == 0 still writes out (empty sums: 0)
+  require_data(positions, "positions");
+  require_data(out, "out");
+  if (channels > 0) {
+    require_data(x, "x");
+    require_data(w, "w");
+  }
+  value_head_forward_kernel<<<warp_row_blocks(rows), kThreads>>>(rows, channels, x, w, positions,
+                                                                 out);
+  PPO_CUDA_CHECK_LAUNCH("value_head_forward_kernel");
+}
+
+void value_head_backward(int64_t rows, int64_t channels, const float* grad, const float* x,
+                         const float* w, float* grad_x, float* grad_w) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return;
+  require_data(grad, "grad");
+  require_data(x, "x");
+  require_data(w, "w");
+  require_data(grad_x, "grad_x");
+  require_data(grad_w, "grad_w");
+  value_head_grad_x_kernel<<<row_tile_grid(rows, channels), kThreads>>>(rows, channels, grad, w,
+                                                                         grad_x);
+  PPO_CUDA_CHECK_LAUNCH("value_head_grad_x_kernel");
+  // grad_w[c] += sum_r grad[r] x[r, c]: double partials over the row chunks, summed in
+  // double and rounded once into grad_w.
+  const RowChunks chunks = row_chunks(rows);
+  double* partials = static_cast<double*>(
+      thread_scratch().get(static_cast<size_t>(chunks.count * channels) * sizeof(double)));
+  launch_column_sums<double, 1>(ValueHeadTerm{grad, x, channels}, rows, channels, chunks,
+                                partials, Outputs<1>{{grad_w}});
+}
+
+}  // namespace ppo::cuda
