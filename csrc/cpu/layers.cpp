@@ -160,20 +160,7 @@ constexpr int64_t kMinRowsPerChunk = 8;
 
 void layernorm_forward(int64_t rows, int64_t channels, const float* in, const float* weight,
                        const float* bias, float eps, float* out, float* mean, float* rstd) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  require(channels > 0 || rows == 0, ErrorCode::InvalidArgument,
-          "channels must be >= 1 when rows > 0 (the mean of an empty row is undefined)",
-          "channels");
-  require(std::isfinite(eps) && eps >= 0.0f, ErrorCode::InvalidArgument,
-          "eps must be finite and >= 0", "eps");
-  if (rows == 0) return;
-  require_data(in, "in");
-  require_data(weight, "weight");
-  require_data(bias, "bias");
-  require_data(out, "out");
-  require_data(mean, "mean");
-  require_data(rstd, "rstd");
+  if (!check_layernorm_forward(rows, channels, in, weight, bias, eps, out, mean, rstd)) return;
   parallel_for(
       rows,
       [&](int64_t begin, int64_t end) {
@@ -185,17 +172,9 @@ void layernorm_forward(int64_t rows, int64_t channels, const float* in, const fl
 void layernorm_backward(int64_t rows, int64_t channels, const float* grad_out, const float* in,
                         const float* weight, const float* mean, const float* rstd,
                         float* grad_in, float* grad_weight, float* grad_bias) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(grad_out, "grad_out");
-  require_data(in, "in");
-  require_data(weight, "weight");
-  require_data(mean, "mean");
-  require_data(rstd, "rstd");
-  require_data(grad_in, "grad_in");
-  require_data(grad_weight, "grad_weight");
-  require_data(grad_bias, "grad_bias");
+  if (!check_layernorm_backward(rows, channels, grad_out, in, weight, mean, rstd, grad_in, grad_weight,
+                                grad_bias))
+    return;
 
   int64_t chunks = std::min(kMaxGradChunks, (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk);
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;

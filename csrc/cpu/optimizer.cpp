@@ -19,12 +19,6 @@ namespace ppo::cpu {
 namespace {
 
 
-// beta in [0, 1) (false for NaN).
-void require_beta(float beta, const char* name) {
-  require(beta >= 0.0f && beta < 1.0f, ErrorCode::InvalidArgument,
-          std::string(name) + " must be in [0, 1), got " + std::to_string(beta), name);
-}
-
 // Elements [begin, end) of one AdamW step, in PyTorch's order (torch.optim.AdamW,
 // single-tensor path):
 //   p *= 1 - lr * wd;  m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;
@@ -81,35 +75,9 @@ constexpr int64_t kSumChunk = 65536;
 
 void adamw_update(int64_t n, float* param, const float* grad, float* m, float* v, float lr,
                   float beta1, float beta2, float eps, float weight_decay, int64_t step) {
-  require_size(n, "n");
-  require(step >= 1, ErrorCode::InvalidArgument,
-          "step must be >= 1 (the 1-based index of this step), got " + std::to_string(step),
-          "step");
-  require(std::isfinite(lr) && lr >= 0.0f, ErrorCode::InvalidArgument,
-          "lr must be finite and >= 0, got " + std::to_string(lr), "lr");
-  require_beta(beta1, "beta1");
-  require_beta(beta2, "beta2");
-  require(std::isfinite(eps) && eps >= 0.0f, ErrorCode::InvalidArgument,
-          "eps must be finite and >= 0, got " + std::to_string(eps), "eps");
-  require(std::isfinite(weight_decay) && weight_decay >= 0.0f, ErrorCode::InvalidArgument,
-          "weight_decay must be finite and >= 0, got " + std::to_string(weight_decay),
-          "weight_decay");
-  if (n == 0) return;
-  require_data(param, "param");
-  require_data(grad, "grad");
-  require_data(m, "m");
-  require_data(v, "v");
-
-  // Bias corrections in double: 1 - beta^t loses nothing for small t (beta2 = 0.999,
-  // t = 1 gives 1e-3 exactly to double precision) and tends to 1 for large t.
-  const double t = static_cast<double>(step);
-  const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), t);
-  const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), t);
-  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
-  const float step_size = static_cast<float>(static_cast<double>(lr) / bc1);
-  const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
-  const float one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(beta1));
-  const float one_minus_beta2 = static_cast<float>(1.0 - static_cast<double>(beta2));
+  bool has_work = false;
+  const AdamWScalars k = check_adamw(n, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, &has_work);
+  if (!has_work) return;
   // Threads get whole blocks of kAdamBlock elements: the compiler's vector body and its
   // scalar remainder loop may contract multiply-adds into FMAs differently, so an element
   // must take the same path whatever the split. With block-aligned chunk starts only the
@@ -119,8 +87,9 @@ void adamw_update(int64_t n, float* param, const float* grad, float* m, float* v
   parallel_for(
       blocks,
       [&](int64_t first, int64_t last) {
-        adamw_range(first * kAdamBlock, std::min(n, last * kAdamBlock), param, grad, m, v, decay,
-                    beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, eps);
+        adamw_range(first * kAdamBlock, std::min(n, last * kAdamBlock), param, grad, m, v, k.decay,
+                    k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.step_size, k.inv_sqrt_bc2,
+                    k.eps);
       },
       grain_for(12 * kAdamBlock));
 }

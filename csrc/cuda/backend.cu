@@ -24,6 +24,26 @@
 #endif
 
 namespace ppo::cuda {
+
+// ---- memory (cuda/kernels.h): plain device allocations, synchronous copies -----------------
+void* device_alloc(size_t bytes) { return PPO_CUDA_MALLOC(bytes); }
+
+void device_free(void* ptr) noexcept {
+  if (ptr != nullptr) (void)cudaFree(ptr);
+}
+
+void copy_host_to_device(void* device_dst, const void* host_src, size_t bytes) {
+  if (bytes == 0) return;
+  PPO_CUDA_CHECK(cudaMemcpy(device_dst, host_src, bytes, cudaMemcpyHostToDevice));
+}
+
+void copy_device_to_host(void* host_dst, const void* device_src, size_t bytes) {
+  if (bytes == 0) return;
+  // cudaMemcpy on the legacy default stream waits for the kernels queued before it; an
+  // error they raised is reported here.
+  PPO_CUDA_CHECK(cudaMemcpy(host_dst, device_src, bytes, cudaMemcpyDeviceToHost));
+}
+
 namespace {
 
 // An empty kernel: asking for its attributes tells whether this binary holds code
@@ -120,23 +140,6 @@ const Probe& cached_probe() {
     }
   }();
   return probe;
-}
-
-// ---- memory ----------------------------------------------------------------------------
-void* device_alloc(size_t bytes) { return PPO_CUDA_MALLOC(bytes); }
-
-void device_free(void* ptr) noexcept {
-  if (ptr != nullptr) (void)cudaFree(ptr);
-}
-
-void copy_host_to_device(void* device_dst, const void* host_src, size_t bytes) {
-  if (bytes == 0) return;
-  PPO_CUDA_CHECK(cudaMemcpy(device_dst, host_src, bytes, cudaMemcpyHostToDevice));
-}
-
-void copy_device_to_host(void* host_dst, const void* device_src, size_t bytes) {
-  if (bytes == 0) return;
-  PPO_CUDA_CHECK(cudaMemcpy(host_dst, device_src, bytes, cudaMemcpyDeviceToHost));
 }
 
 Backend make_backend() {

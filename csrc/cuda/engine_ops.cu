@@ -15,24 +15,6 @@
 namespace ppo::cuda {
 namespace {
 
-void* device_alloc(size_t bytes) { return PPO_CUDA_MALLOC(bytes); }
-
-void device_free(void* ptr) noexcept {
-  if (ptr != nullptr) (void)cudaFree(ptr);
-}
-
-void copy_host_to_device(void* dst, const void* host_src, size_t bytes) {
-  if (bytes == 0) return;
-  PPO_CUDA_CHECK(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice));
-}
-
-void copy_device_to_host(void* host_dst, const void* src, size_t bytes) {
-  if (bytes == 0) return;
-  // cudaMemcpy on the legacy default stream waits for the kernels queued before it; an
-  // error they raised is reported here.
-  PPO_CUDA_CHECK(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost));
-}
-
 void copy_device_to_device(void* dst, const void* src, size_t bytes) {
   if (bytes == 0 || dst == src) return;
   PPO_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));

@@ -7,7 +7,16 @@
 
 #include "core/op_args.h"
 
+#include <cstddef>
+
 namespace ppo::cuda {
+
+// backend.cu: device memory for both CUDA tables (the RLHF kernels' and the engine's).
+// device_alloc throws ppo::Error(OutOfMemory) with the byte count; copies are synchronous.
+void* device_alloc(size_t bytes);
+void device_free(void* ptr) noexcept;
+void copy_host_to_device(void* device_dst, const void* host_src, size_t bytes);
+void copy_device_to_host(void* host_dst, const void* device_src, size_t bytes);
 
 // logprobs.cu
 void logprobs_forward(const LogprobsArgs& args);

@@ -27,21 +27,8 @@ namespace {
 using cpu::require_data;
 using cpu::require_size;
 
-// beta in [0, 1) (false for NaN); cpu/optimizer.cpp's check and message.
-void require_beta(float beta, const char* name) {
-  require(beta >= 0.0f && beta < 1.0f, ErrorCode::InvalidArgument,
-          std::string(name) + " must be in [0, 1), got " + std::to_string(beta), name);
-}
-
-// AdamW's per-call scalars, computed on the host (see adamw_update).
-struct AdamScalars {
-  float decay;            // 1 - lr * weight_decay
-  float beta1, one_minus_beta1;
-  float beta2, one_minus_beta2;
-  float step_size;        // lr / (1 - beta1^t)
-  float inv_sqrt_bc2;     // 1 / sqrt(1 - beta2^t)
-  float eps;
-};
+using cpu::AdamWScalars;
+using cpu::check_adamw;
 
 // One AdamW step on n elements, PyTorch's order (torch.optim.AdamW, single-tensor path):
 //   m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;
@@ -49,7 +36,7 @@ struct AdamScalars {
 // grad does not overlap param, m or v (the CPU contract); param, m, v are distinct.
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(int64_t n, float* __restrict__ param, const float* __restrict__ grad,
-                 float* __restrict__ m, float* __restrict__ v, AdamScalars s) {
+                 float* __restrict__ m, float* __restrict__ v, AdamWScalars s) {
   for (int64_t i = global_thread_index(); i < n; i += grid_thread_count()) {
     const float g = grad[i];
     const float mi = s.beta1 * m[i] + s.one_minus_beta1 * g;
@@ -84,40 +71,9 @@ __global__ void __launch_bounds__(kThreads)
 
 void adamw_update(int64_t n, float* param, const float* grad, float* m, float* v, float lr,
                   float beta1, float beta2, float eps, float weight_decay, int64_t step) {
-  require_size(n, "n");
-  require(step >= 1, ErrorCode::InvalidArgument,
-          "step must be >= 1 (the 1-based index of this step), got " + std::to_string(step),
-          "step");
-  require(std::isfinite(lr) && lr >= 0.0f, ErrorCode::InvalidArgument,
-          "lr must be finite and >= 0, got " + std::to_string(lr), "lr");
-  require_beta(beta1, "beta1");
-  require_beta(beta2, "beta2");
-  require(std::isfinite(eps) && eps >= 0.0f, ErrorCode::InvalidArgument,
-          "eps must be finite and >= 0, got " + std::to_string(eps), "eps");
-  require(std::isfinite(weight_decay) && weight_decay >= 0.0f, ErrorCode::InvalidArgument,
-          "weight_decay must be finite and >= 0, got " + std::to_string(weight_decay),
-          "weight_decay");
-  if (n == 0) return;
-  require_data(param, "param");
-  require_data(grad, "grad");
-  require_data(m, "m");
-  require_data(v, "v");
-
-  // cpu::adamw_update's scalars, computed the same way: bias corrections in double
-  // (1 - beta^t loses nothing for small t), each rounded once to float.
-  const double t = static_cast<double>(step);
-  const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), t);
-  const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), t);
-  AdamScalars s;
-  s.decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
-  s.beta1 = beta1;
-  s.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(beta1));
-  s.beta2 = beta2;
-  s.one_minus_beta2 = static_cast<float>(1.0 - static_cast<double>(beta2));
-  s.step_size = static_cast<float>(static_cast<double>(lr) / bc1);
-  s.inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
-  s.eps = eps;
-
+  bool has_work = false;
+  const AdamWScalars s = check_adamw(n, param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, &has_work);
+  if (!has_work) return;
   adamw_kernel<<<elementwise_blocks(n), kThreads>>>(n, param, grad, m, v, s);
   PPO_CUDA_CHECK_LAUNCH("adamw_kernel");
 }

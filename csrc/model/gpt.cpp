@@ -188,6 +188,11 @@ struct Model::Impl {
   DeviceArray<double> gen_uniforms;
   DeviceArray<float> gen_logprobs_out;
 
+  // ---- the undo point of snapshot_state() ---------------------------------------------------
+  DeviceArray<float> snap_params, snap_m, snap_v;
+  bool has_snapshot = false, snap_has_moments = false;
+  int64_t snap_steps = 0;
+
   void bind_memory() {
     for (DeviceArray<float>* a : {&params, &grads, &adam_m, &adam_v, &arena, &r_head_logits, &bw_dres,
                                   &bw_dlnf, &bw_dfchg, &bw_dfch, &bw_dqkv, &bw_dsmall, &head_scratch,
@@ -199,6 +204,7 @@ struct Model::Impl {
                                     &gen_penalized_count, &gen_active, &gen_next, &gen_positions,
                                     &gen_tokens_out, &gen_status})
       a->bind(ops);
+    for (DeviceArray<float>* a : {&snap_params, &snap_m, &snap_v}) a->bind(ops);
     d_head_rows.bind(ops);
     gen_rows.bind(ops);
     gen_uniforms.bind(ops);
@@ -999,6 +1005,39 @@ GenerateResult Model::generate(const TokenBatch& prompts, const GenerateOptions&
   return impl_->generate(prompts, options);
 }
 
+void Model::snapshot_state() {
+  Impl& m = *impl_;
+  m.upload_params_written_on_host();
+  const size_t bytes = sizeof(float) * static_cast<size_t>(m.layout.total);
+  m.ops->copy_within(m.snap_params.reserve(m.layout.total), m.params.get(), bytes);
+  m.snap_has_moments = m.adam_m.capacity() > 0;
+  if (m.snap_has_moments) {
+    m.ops->copy_within(m.snap_m.reserve(m.layout.total), m.adam_m.get(), bytes);
+    m.ops->copy_within(m.snap_v.reserve(m.layout.total), m.adam_v.get(), bytes);
+  }
+  m.snap_steps = m.adam_steps;
+  m.ops->synchronize();
+  m.has_snapshot = true;
+}
+
+void Model::restore_state() {
+  Impl& m = *impl_;
+  require(m.has_snapshot, ErrorCode::InvalidArgument, "restore_state: no snapshot_state() was taken", "snapshot");
+  const size_t bytes = sizeof(float) * static_cast<size_t>(m.layout.total);
+  m.ops->copy_within(m.params.get(), m.snap_params.get(), bytes);
+  if (m.snap_has_moments) {
+    m.ops->copy_within(m.adam_m.reserve(m.layout.total), m.snap_m.get(), bytes);
+    m.ops->copy_within(m.adam_v.reserve(m.layout.total), m.snap_v.get(), bytes);
+  } else {
+    m.adam_m.release();
+    m.adam_v.release();
+  }
+  m.adam_steps = m.snap_steps;
+  m.ops->synchronize();
+  m.params_host_valid = false;
+  m.params_host_newer = false;
+}
+
 Model::Memory Model::memory() const {
   const Impl& m = *impl_;
   int64_t activations = 0;
@@ -1012,7 +1051,9 @@ Model::Memory Model::memory() const {
         &m.gen_active, &m.gen_next, &m.gen_positions, &m.gen_tokens_out, &m.gen_status})
     activations += a->bytes();
   activations += m.d_head_rows.bytes() + m.gen_rows.bytes() + m.gen_uniforms.bytes();
-  return {m.params.bytes(), m.grads.bytes(), m.adam_m.bytes() + m.adam_v.bytes(), activations, m.kv_cache.bytes()};
+  return {m.params.bytes(), m.grads.bytes(),
+          m.adam_m.bytes() + m.adam_v.bytes() + m.snap_params.bytes() + m.snap_m.bytes() + m.snap_v.bytes(),
+          activations, m.kv_cache.bytes()};
 }
 
 }  // namespace ppo::model

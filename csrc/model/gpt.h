@@ -184,6 +184,14 @@ class Model {
 
   GenerateResult generate(const TokenBatch& prompts, const GenerateOptions& options);
 
+  // An undo point kept on the model's device: snapshot_state() copies the parameters and
+  // the AdamW state (moments and step count) aside without a trip through the host (on
+  // CUDA a device-to-device copy); restore_state() puts them back (InvalidArgument when no
+  // snapshot was taken). The PPO trainer takes one per update to undo a non-finite one.
+  // Its bytes count under Memory::optimizer.
+  void snapshot_state();
+  void restore_state();
+
   // Bytes held: parameters, gradients, optimizer moments, activations, KV cache.
   struct Memory { int64_t params, grads, optimizer, activations, kv_cache; };
   Memory memory() const;

@@ -569,20 +569,21 @@ struct PpoTrainer::Impl {
     return true;
   }
 
-  void restore(bool train_policy, const ModelSnapshot& policy_before, const ModelSnapshot& critic_before) {
+  // Back to the undo points passes() took (on each model's device: no host copies).
+  void restore(bool train_policy) {
     if (train_policy) {
       policy->zero_grad();
-      restore_snapshot(*policy, policy_before);
+      policy->restore_state();
     }
     critic->zero_grad();
-    restore_snapshot(*critic, critic_before);
+    critic->restore_state();
   }
 
   // Passes over e in shuffled mini-batches (policy and critic, or the critic alone).
   // Returns the mean stats, or skipped = 1 with both models restored.
   Stats passes(const Experience& e, int64_t epochs, bool train_policy, uint64_t seed, const Progress& progress) {
-    const ModelSnapshot policy_before = train_policy ? take_snapshot(*policy) : ModelSnapshot{};
-    const ModelSnapshot critic_before = take_snapshot(*critic);
+    if (train_policy) policy->snapshot_state();
+    critic->snapshot_state();
     if (train_policy) policy->zero_grad();
     critic->zero_grad();
     model::Rng rng(seed, 0);
@@ -608,12 +609,12 @@ struct PpoTrainer::Impl {
           // comes from the models' own state (NaN weights or activations): skip the update.
           // Any other failure leaves both models as they were, then propagates.
           if (err.code() != ErrorCode::NonFinite) {
-            restore(train_policy, policy_before, critic_before);
+            restore(train_policy);
             throw;
           }
           ok = false;
         } catch (...) {
-          restore(train_policy, policy_before, critic_before);
+          restore(train_policy);
           throw;
         }
         ++n;
@@ -622,7 +623,7 @@ struct PpoTrainer::Impl {
     }
     Stats out;
     if (!ok) {
-      restore(train_policy, policy_before, critic_before);
+      restore(train_policy);
       out.emplace_back("skipped", 1.0);
       out.emplace_back("minibatches", 0.0);
       return out;

@@ -315,6 +315,50 @@ TEST(same_seed_same_model_and_training_is_bit_reproducible) {
   CHECK(std::memcmp(other.params(), same.params(), sizeof(float) * 10) != 0);
 }
 
+// snapshot_state/restore_state: an undo point of parameters, AdamW moments and step count.
+TEST(snapshot_state_restores_parameters_and_optimizer_exactly) {
+  Model m(tiny_config(), 25);
+  CHECK_THROWS_CODE(m.restore_state(), ppo::ErrorCode::InvalidArgument, "snapshot");
+  tu::Rng rng(26);
+  const Batch batch = make_batch(rng, 23, 0);
+  AdamWOptions o;
+  o.lr = 1e-2;
+  const int64_t n = m.parameter_count();
+  // Before any step (no moments yet): restoring drops the moments a later step made.
+  m.snapshot_state();
+  const std::vector<float> p0(m.params(), m.params() + n);
+  lm_loss_backward(m, batch);
+  m.step(o);
+  m.zero_grad();
+  m.restore_state();
+  CHECK_BITWISE_EQUAL(m.params(), p0.data(), n, "params after restore (no moments)");
+  CHECK(m.optimizer_m() == nullptr && m.optimizer_steps() == 0);
+  // After a step: parameters, both moments and the step count come back.
+  lm_loss_backward(m, batch);
+  m.step(o);
+  m.zero_grad();
+  m.snapshot_state();
+  const std::vector<float> p1(m.params(), m.params() + n), m1(m.optimizer_m(), m.optimizer_m() + n),
+      v1(m.optimizer_v(), m.optimizer_v() + n);
+  for (int s = 0; s < 2; ++s) {
+    lm_loss_backward(m, batch);
+    m.step(o);
+    m.zero_grad();
+  }
+  CHECK(m.optimizer_steps() == 3);
+  m.restore_state();
+  CHECK(m.optimizer_steps() == 1);
+  CHECK_BITWISE_EQUAL(m.params(), p1.data(), n, "params after restore");
+  CHECK_BITWISE_EQUAL(m.optimizer_m(), m1.data(), n, "adam m after restore");
+  CHECK_BITWISE_EQUAL(m.optimizer_v(), v1.data(), n, "adam v after restore");
+  // Parameters written on the host before the snapshot are part of it.
+  m.mutable_params()[3] = 0.5f;
+  m.snapshot_state();
+  m.mutable_params()[3] = -0.5f;
+  m.restore_state();
+  CHECK(m.params()[3] == 0.5f);
+}
+
 TEST(gradients_accumulate_across_backward_calls) {
   Model m(tiny_config(), 31);
   tu::Rng rng(32);
