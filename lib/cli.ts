@@ -218,7 +218,7 @@ async function generateCommand(flags: Flags): Promise<void> {
   });
   const texts = prompts.length > 0 ? prompts : data.evalPrompts.slice(0, 5);
   const samples = numberFlag(flags, 'samples', { integer: true, min: 1 }) ?? 1;
-  const model = await Model.load(dir, { trainable: false });
+  const model = await Model.load(dir, { trainable: false, device: pipeline.config.device });
   try {
     const ids = await pipeline.encodePrompts(texts);
     const rows = ids.flatMap((p) => Array.from({ length: samples }, () => p));
@@ -252,15 +252,15 @@ async function evalCommand(flags: Flags): Promise<void> {
   for (const stage of ['sft', 'rm']) {
     if (!pipeline.done(stage)) throw new PpoMaxError('ERR_NOT_FOUND', `eval needs the ${stage} stage of ${pipeline.config.runDir}: run \`ppo-max ${stage}\` first`, 'runDir');
   }
-  const rewardModel = await Model.load(pipeline.dir('rm', 'model'), { trainable: false });
-  const reference = await Model.load(pipeline.dir('sft', 'model'), { trainable: false });
+  const rewardModel = await Model.load(pipeline.dir('rm', 'model'), { trainable: false, device: pipeline.config.device });
+  const reference = await Model.load(pipeline.dir('sft', 'model'), { trainable: false, device: pipeline.config.device });
   console.log(`${pipeline.config.prompts.evalCount} held-out prompts, sampled as in PPO; proxy = reward model, gold = the labeler\n`);
   console.log(['model'.padEnd(12), 'proxy', 'gold', 'KL/token', 'perplexity', 'length', 'repeat3'].map((h) => h.padStart(10)).join(''));
   try {
     for (const name of names) {
       const dir = modelDir(pipeline, name);
       requireModel(dir, name);
-      const policy = await Model.load(dir);
+      const policy = await Model.load(dir, { device: pipeline.config.device });
       const trainer = await PpoTrainer.create({ policy, reference, rewardModel, options: pipeline.ppoOptions('ppoMax'), progressBar: false });
       const e = await pipeline.evaluatePolicy(trainer, 0);
       console.log([name.padEnd(12), e.proxy.toFixed(3), e.gold.toFixed(3), e.kl.toFixed(3), e.perplexity.toFixed(2), e.length.toFixed(1), e.repetition.toFixed(3)].map((h) => h.padStart(10)).join(''));
@@ -279,8 +279,8 @@ async function benchCommand(flags: Flags): Promise<void> {
   const tokFile = path.join(c.runDir, 'tokenizer', 'tokenizer.json');
   const vocab = fs.existsSync(tokFile) ? Tokenizer.load(tokFile).vocabSize : c.vocabSize;
   const config = { vocabSize: vocab, nPositions: c.model.nPositions, nEmbd: c.model.nEmbd, nLayer: c.model.nLayer, nHead: c.model.nHead };
-  const policy = await Model.create(config, { seed: 1 });
-  const rewardModel = await Model.create({ ...config, valueHead: true }, { seed: 2, trainable: false });
+  const policy = await Model.create(config, { seed: 1, device: c.device });
+  const rewardModel = await Model.create({ ...config, valueHead: true }, { seed: 2, trainable: false, device: c.device });
   const T = c.model.nPositions;
   const row = (i: number) => Array.from({ length: T - 1 }, (_, j) => (i * 131 + j * 17) % vocab);
   console.log(`model: ${policy.parameterCount().toLocaleString('en-US')} parameters (${c.model.nLayer} layers, width ${c.model.nEmbd}, context ${T}, vocabulary ${vocab}); median of ${runs} runs`);

@@ -11,6 +11,8 @@ export const RUN_SIZES: readonly RunSize[] = ['tiny', 'default', 'large'];
 export interface PipelineConfig {
   runDir: string;
   seed: number;
+  /** Where the models run: 'auto' (CUDA when usable), 'cpu' or 'cuda'. */
+  device: 'auto' | 'cpu' | 'cuda';
   corpus: string;
   tokenizer: string | null;
   vocabSize: number;
@@ -48,6 +50,8 @@ export interface OptionSpec {
   defaults: unknown | Record<RunSize, unknown>;
   min?: number;
   max?: number;
+  /** The allowed values of a string option. */
+  choices?: string[];
 }
 
 const sized = (tiny: unknown, def: unknown, large: unknown) => ({ tiny, default: def, large });
@@ -56,6 +60,7 @@ const sized = (tiny: unknown, def: unknown, large: unknown) => ({ tiny, default:
 export const PIPELINE_OPTIONS: OptionSpec[] = [
   { key: 'runDir', type: 'string', defaults: 'ppo-max-run', help: 'the run directory: each stage writes its outputs here and is skipped when they are already there with the same settings; an interrupted stage resumes from its checkpoint' },
   { key: 'seed', type: 'int', min: 0, defaults: 1, help: 'seeds every random choice: same seed, same machine, same numbers' },
+  { key: 'device', type: 'string', choices: ['auto', 'cpu', 'cuda'], defaults: 'auto', help: "where the models run: 'auto' (CUDA when a GPU is usable, else the CPU), 'cpu' or 'cuda'; not part of any stage's cache key, so a run may resume on another device" },
   { key: 'corpus', type: 'string', defaults: 'moby-dick', help: "the text: 'moby-dick', 'sotu' (State of the Union addresses), 'moby-dick+sotu', or a .txt or .jsonl file of your own" },
   { key: 'tokenizer', type: 'string?', defaults: null, help: 'a tokenizer.json to use (it needs an end-of-text token); default: train a byte-level BPE on the corpus' },
   { key: 'vocabSize', type: 'int', min: 260, defaults: sized(1024, 4096, 8192), help: 'the trained tokenizer\'s vocabulary (256 bytes + merges + <|endoftext|>)' },
@@ -146,6 +151,7 @@ export function parseOptionValue(spec: OptionSpec, raw: unknown, where: string):
     }
     case 'string':
       if (typeof raw !== 'string' || raw === '') throw configError(where, `${spec.key} must be a non-empty string`);
+      if (spec.choices && !spec.choices.includes(raw)) throw configError(where, `${spec.key} must be one of ${spec.choices.join(', ')}, got ${JSON.stringify(raw)}`);
       return raw;
     case 'string?':
       if (raw === null || raw === 'null' || raw === '') return null;

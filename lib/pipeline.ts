@@ -303,7 +303,7 @@ export class Pipeline {
     let start: Stats;
     const resumeFrom = fs.existsSync(progressFile) ? readJson<{ key: string; step: number; cursor: number; start: Stats }>(progressFile) : null;
     if (resumeFrom && resumeFrom.key === this.keys.sft && fs.existsSync(path.join(checkpoint, 'trainer.json'))) {
-      trainer = await SftTrainer.resume(checkpoint, { logFile: sftOptions.logFile });
+      trainer = await SftTrainer.resume(checkpoint, { logFile: sftOptions.logFile, device: c.device });
       cursor = resumeFrom.cursor;
       start = resumeFrom.start;
       truncateJsonl(sftOptions.logFile, trainer.stepCount);
@@ -313,7 +313,7 @@ export class Pipeline {
       fs.mkdirSync(this.dir('sft'), { recursive: true });
       const model = await Model.create(
         { vocabSize: tokenizer.vocabSize, nPositions: c.model.nPositions, nEmbd: c.model.nEmbd, nLayer: c.model.nLayer, nHead: c.model.nHead, bosTokenId: eos, eosTokenId: eos },
-        { seed: c.seed },
+        { seed: c.seed, device: c.device },
       );
       trainer = SftTrainer.create(model, sftOptions);
       start = await trainer.evaluate(heldOut);
@@ -387,7 +387,7 @@ export class Pipeline {
     const c = this.config;
     this.need('sft', 'sft');
     const data = await this.runData();
-    const sft = await Model.load(this.dir('sft', 'model'), { trainable: false });
+    const sft = await Model.load(this.dir('sft', 'model'), { trainable: false, device: this.config.device });
     fs.rmSync(this.dir('labels'), { recursive: true, force: true });
     fs.mkdirSync(this.dir('labels'), { recursive: true });
     const prompts = data.trainPrompts;
@@ -447,7 +447,7 @@ export class Pipeline {
     fs.rmSync(this.dir('rm'), { recursive: true, force: true });
     fs.mkdirSync(this.dir('rm'), { recursive: true });
     const { train, heldOut } = this.readPairs();
-    const sft = await Model.load(this.dir('sft', 'model'), { trainable: false });
+    const sft = await Model.load(this.dir('sft', 'model'), { trainable: false, device: this.config.device });
     const model = await sft.clone({ trainable: true, valueHead: true });
     await sft.dispose();
     const stepsPerEpoch = Math.ceil(train.length / c.rm.batchSize);
@@ -536,7 +536,7 @@ export class Pipeline {
     let pretrain: Record<string, unknown> | null = null;
     const resumeFrom = fs.existsSync(progressFile) ? readJson<{ key: string; step: number; pretrain: Record<string, unknown> | null }>(progressFile) : null;
     if (resumeFrom && resumeFrom.key === this.keys[stage] && fs.existsSync(path.join(checkpoint, 'trainer.json'))) {
-      trainer = await PpoTrainer.resume(checkpoint, { progressBar: false });
+      trainer = await PpoTrainer.resume(checkpoint, { progressBar: false, device: c.device });
       pretrain = resumeFrom.pretrain;
       truncateJsonl(logFile, trainer.state().step);
       truncateJsonl(evalFile, trainer.state().step);
@@ -544,8 +544,8 @@ export class Pipeline {
     } else {
       fs.rmSync(this.dir(stage), { recursive: true, force: true });
       fs.mkdirSync(this.dir(stage), { recursive: true });
-      const policy = await Model.load(this.dir('sft', 'model'));
-      const rewardModel = await Model.load(this.dir('rm', 'model'), { trainable: false });
+      const policy = await Model.load(this.dir('sft', 'model'), { device: this.config.device });
+      const rewardModel = await Model.load(this.dir('rm', 'model'), { trainable: false, device: this.config.device });
       trainer = await PpoTrainer.create({ policy, rewardModel, options: this.ppoOptions(preset), progressBar: false });
     }
     const save = async (step: number) => {

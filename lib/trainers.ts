@@ -12,6 +12,7 @@ import * as os from 'os';
 import * as path from 'path';
 
 import { PpoMaxError, fromNative, invalidArgument, shapeMismatch } from './errors';
+import { Device } from './device';
 import { Batch, GPT2Config, Model, ModelMemory, TokenBatchInput, UserError, normalizeConfig, prepareBatch } from './model';
 import { Alarm, AlarmMonitor, JsonlLog, MonitorState, ProgressBar } from './monitor';
 import { NativeModelHandle, NativePpoState, NativeTrainerHandle, NativeTrainerResult, native } from './native';
@@ -285,10 +286,10 @@ function saveModelTrainer(dir: string, kind: string, model: Model, step: number,
 }
 
 /** Loads what saveModelTrainer wrote: the model with its optimizer state, the saved options and step. */
-async function loadModelTrainer<O>(dir: string, kind: string): Promise<{ model: Model; options: O; step: number }> {
+async function loadModelTrainer<O>(dir: string, kind: string, device?: Device): Promise<{ model: Model; options: O; step: number }> {
   const callSite = new Error();
   const meta = readTrainerMeta<{ options: O; optimizerSteps: number }>(dir, kind, callSite);
-  const model = await Model.load(path.join(dir, 'model'));
+  const model = await Model.load(path.join(dir, 'model'), { device });
   await loadOptimizerState(model, path.join(dir, 'optimizer.safetensors'), meta.optimizerSteps, callSite);
   return { model, options: meta.options, step: meta.step };
 }
@@ -681,16 +682,20 @@ export class PpoTrainer extends EventEmitter {
    */
   static async resume(
     dir: string,
-    args: Omit<PpoTrainerArgs, 'policy' | 'reference' | 'critic' | 'rewardModel' | 'options'> = {},
+    args: Omit<PpoTrainerArgs, 'policy' | 'reference' | 'critic' | 'rewardModel' | 'options'> & {
+      /** Where the loaded models run (default 'auto'). */
+      device?: Device;
+    } = {},
   ): Promise<PpoTrainer> {
     const callSite = new Error();
     const meta = readTrainerMeta<{
       options: ResolvedPpoOptions; state: NativePpoState; optimizerSteps: { policy: number; critic: number }; monitor: MonitorState; rewardModel: boolean;
     }>(dir, 'ppo', callSite);
-    const policy = await Model.load(path.join(dir, 'policy'));
-    const reference = await Model.load(path.join(dir, 'reference'), { trainable: false });
-    const critic = await Model.load(path.join(dir, 'critic'));
-    const rewardModel = meta.rewardModel ? await Model.load(path.join(dir, 'reward'), { trainable: false }) : undefined;
+    const device = args.device;
+    const policy = await Model.load(path.join(dir, 'policy'), { device });
+    const reference = await Model.load(path.join(dir, 'reference'), { trainable: false, device });
+    const critic = await Model.load(path.join(dir, 'critic'), { device });
+    const rewardModel = meta.rewardModel ? await Model.load(path.join(dir, 'reward'), { trainable: false, device }) : undefined;
     await loadOptimizerState(policy, path.join(dir, 'policy.optimizer.safetensors'), meta.optimizerSteps.policy, callSite);
     await loadOptimizerState(critic, path.join(dir, 'critic.optimizer.safetensors'), meta.optimizerSteps.critic, callSite);
     const options = { ...meta.options } as unknown as PpoOptions;
@@ -802,9 +807,10 @@ export class SftTrainer {
   }
 
   /** An SftTrainer from a save() directory (pass logFile/onStats again if wanted). */
-  static async resume(dir: string, args: Pick<SftOptions, 'logFile' | 'onStats'> = {}): Promise<SftTrainer> {
-    const saved = await loadModelTrainer<SftOptions>(dir, 'sft');
-    const trainer = SftTrainer.create(saved.model, { ...saved.options, ...args });
+  static async resume(dir: string, args: Pick<SftOptions, 'logFile' | 'onStats'> & { device?: Device } = {}): Promise<SftTrainer> {
+    const { device, ...rest } = args;
+    const saved = await loadModelTrainer<SftOptions>(dir, 'sft', device);
+    const trainer = SftTrainer.create(saved.model, { ...saved.options, ...rest });
     trainer.steps = saved.step;
     return trainer;
   }
@@ -895,9 +901,10 @@ export class RewardModelTrainer {
   }
 
   /** A RewardModelTrainer from a save() directory. */
-  static async resume(dir: string, args: Pick<RewardModelOptions, 'logFile' | 'onStats'> = {}): Promise<RewardModelTrainer> {
-    const saved = await loadModelTrainer<RewardModelOptions>(dir, 'rewardModel');
-    const trainer = RewardModelTrainer.create(saved.model, { ...saved.options, ...args });
+  static async resume(dir: string, args: Pick<RewardModelOptions, 'logFile' | 'onStats'> & { device?: Device } = {}): Promise<RewardModelTrainer> {
+    const { device, ...rest } = args;
+    const saved = await loadModelTrainer<RewardModelOptions>(dir, 'rewardModel', device);
+    const trainer = RewardModelTrainer.create(saved.model, { ...saved.options, ...rest });
     trainer.steps = saved.step;
     return trainer;
   }

@@ -173,6 +173,9 @@ describe('run configuration and flags', () => {
     expectThrows(() => applyConfigLayer(d, { sft: { stepz: 1 } }, 'test'), { code: 'ERR_INVALID_ARGUMENT', message: /unknown option 'sft.stepz'/ });
     expectThrows(() => applyConfigLayer(d, { 'sft.steps': 0 }, 'test'), { code: 'ERR_INVALID_ARGUMENT', message: /sft.steps must be >= 1/ });
     expectThrows(() => applyConfigLayer(d, { 'sft.steps': 1.5 }, 'test'), { code: 'ERR_INVALID_ARGUMENT', message: /integer/ });
+    expectThrows(() => applyConfigLayer(d, { device: 'tpu' }, 'test'), { code: 'ERR_INVALID_ARGUMENT', message: /device must be one of auto, cpu, cuda/ });
+    expect(applyConfigLayer(d, { device: 'cpu' }, 'test').device).toBe('cpu');
+    expect(d.device).toBe('auto');
     expectThrows(() => applyConfigLayer(d, { 'sft.lr': 'fast' }, 'test'), { code: 'ERR_INVALID_ARGUMENT', message: /sft.lr must be a number/ });
     expectThrows(() => applyConfigLayer(d, { model: { nHead: 5 } }, 'test'), { code: 'ERR_INVALID_ARGUMENT', message: /must divide/ });
     expectThrows(() => applyConfigLayer(d, { 'ppo.maxNewTokens': 60 }, 'test'), { code: 'ERR_INVALID_ARGUMENT', message: /room for prompts/ });
