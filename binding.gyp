@@ -14,6 +14,7 @@
         "csrc/cpu/backend.cpp",
         "csrc/cpu/engine_ops.cpp",
         "csrc/cpu/layers.cpp",
+        "csrc/cpu/llama_layers.cpp",
         "csrc/cpu/logprobs.cpp",
         "csrc/cpu/losses.cpp",
         "csrc/cpu/matmul.cpp",

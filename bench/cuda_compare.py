@@ -13,9 +13,12 @@
 
 Configs (both benches, --config all on CUDA): small (6/384/6, vocab 8192; train 8 x 128,
 generation batch 8), gpt2 (124M; train 4 x 64, generation 4), gpt2-512 (124M; train 8 x 512,
-generation 8), gpt2-1024 (124M; train 8 x 1024, generation 64). Measures: training-step
-tokens/s (forward + LM loss, backward, AdamW, zero_grad) and greedy-generation tokens/s
-(16-token prompt, 64 new tokens). ratio = ours / PyTorch (above 1: ours is faster).
+generation 8), gpt2-1024 (124M; train 8 x 1024, generation 64). By name only (not in
+all): llama-100m (Llama family, 12/768, 12 query over 4 key/value heads, SwiGLU 2048, vocab
+32000, tied head; train 4 x 64, generation 4) and llama-100m-512 (train 8 x 512, generation
+8). Measures: training-step tokens/s (forward + LM loss, backward, AdamW, zero_grad) and
+greedy-generation tokens/s (16-token prompt, 64 new tokens). ratio = ours / PyTorch (above
+1: ours is faster).
 
     python3 bench/cuda_compare.py [--build-dir build-native] [--runs R] [--config all|NAME]
                                   [--no-bf16] [--skip-torch] [--skip-kernels] [--verbose]
@@ -36,7 +39,9 @@ parser.add_argument("--build-dir", default="build-native",
                     help="directory holding bench_model and bench_cuda (relative to the repo root "
                          "unless absolute)")
 parser.add_argument("--runs", type=int, default=5)
-parser.add_argument("--config", default="all", choices=["small", "gpt2", "gpt2-512", "gpt2-1024", "all"])
+parser.add_argument("--config", default="all",
+                    choices=["small", "gpt2", "gpt2-512", "gpt2-1024", "llama-100m", "llama-100m-512", "all"],
+                    help="all: the four GPT-2 configs; the llama ones by name only")
 parser.add_argument("--torch-python", default=sys.executable)
 parser.add_argument("--no-bf16", action="store_true", help="skip PyTorch's bfloat16 autocast run")
 parser.add_argument("--skip-torch", action="store_true")
@@ -112,11 +117,14 @@ def main():
     print()
     print(f"ours: float32, CUDA matmul path {ours.get('cuda_matmul_path', '?')}"
           + (f"; PyTorch {torch['version']} on {torch['gpu']}: float32+TF32 attention={torch['attention']}"
+             + (f" gqa={torch['attention_gqa']}" if "attention_gqa" in torch else "")
              + (f", bf16 autocast attention={torch['attention_bf16']}" if "attention_bf16" in torch else "")
+             + (f" gqa={torch['attention_gqa_bf16']}" if "attention_gqa_bf16" in torch else "")
              if torch else ""))
     print("ratio = ours / PyTorch tokens per second; above 1: ours is faster")
     have16 = bool(torch and torch.get("configs_bf16"))
-    hdr = f"{'config':<10} {'measure':<16} {'batch':>9} {'ours tok/s':>11} {'torch tf32':>11} {'ratio':>7}"
+    w = max([10] + [len(name) for name in ours["configs"]])  # llama-100m-512 is wider
+    hdr = f"{'config':<{w}} {'measure':<16} {'batch':>9} {'ours tok/s':>11} {'torch tf32':>11} {'ratio':>7}"
     if have16:
         hdr += f" {'torch bf16':>11} {'ratio':>7}"
     print(hdr)
@@ -130,18 +138,18 @@ def main():
             if key not in r:
                 continue
             a, b = r[key], t.get(key)
-            line = f"{name:<10} {label:<16} {batch:>9} {fmt(a)} {fmt(b)} {ratio(a, b)}"
+            line = f"{name:<{w}} {label:<16} {batch:>9} {fmt(a)} {fmt(b)} {ratio(a, b)}"
             if have16:
                 b16 = t16.get(key)
                 line += f" {fmt(b16)} {ratio(a, b16)}"
             print(line)
     print()
-    print(f"{'config':<10} {'measure':<16} {'ours ms':>11} {'torch ms':>11}")
+    print(f"{'config':<{w}} {'measure':<16} {'ours ms':>11} {'torch ms':>11}")
     for name, r in ours["configs"].items():
         t = (torch or {}).get("configs", {}).get(name, {})
         for label, key in (("train step", "train_step_ms"), ("generate", "gen_ms")):
             if key in r:
-                print(f"{name:<10} {label:<16} {fmt(r[key])} {fmt(t.get(key))}")
+                print(f"{name:<{w}} {label:<16} {fmt(r[key])} {fmt(t.get(key))}")
 
     if not args.skip_kernels:
         print()

@@ -7,9 +7,13 @@
   BLAS     numpy's float32 matmul (OpenBLAS sgemm) under python3 (or --blas-python),
            timed here on exactly the (op, m, n, k) list bench_model reports
 
-  python3 bench/engine_compare.py [--config small|gpt2|all] [--threads N] [--runs R]
+  python3 bench/engine_compare.py [--config small|gpt2|llama-100m|llama-100m-512|all]
+                                  [--threads N] [--runs R]
                                   [--rounds K] [--torch-blas-dir DIR|none] [--skip-torch]
                                   [--skip-blas] [--ours PATH] [--verbose]
+
+--config all: small and gpt2; the Llama-family llama-100m (train 4 x 64, generation 4) and
+llama-100m-512 (train 8 x 512, generation 8) run by name only.
 
 Ratios: ours / PyTorch tokens per second (training step, greedy generation), and
 ours / BLAS GFLOP/s per matmul call (and per config over all calls: the sum of FLOPs
@@ -33,7 +37,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--config", default="all", choices=["small", "gpt2", "all"])
+parser.add_argument("--config", default="all", choices=["small", "gpt2", "llama-100m", "llama-100m-512", "all"],
+                    help="all: small and gpt2; the llama configs by name only")
 parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
 parser.add_argument("--runs", type=int, default=5)
 parser.add_argument("--ours", default="", help="path of the bench_model binary")
@@ -222,7 +227,8 @@ def main():
           + (f"; PyTorch {torch['version']}: {torch['threads']} threads, blas {torch['blas'].split(',')[0]} "
              f"(sgemm probe {torch['sgemm_probe_gflops_per_s']:.0f} GFLOP/s)" if torch else ""))
     print("speedup = PyTorch time / our time (rates: ours / PyTorch); above 1: ours is faster")
-    print(f"{'config':<7} {'measure':<22} {'ours':>10} {'PyTorch':>10} {'speedup':>8}")
+    w = max([7] + [len(name) for name in ours["configs"]])  # llama-100m-512 is wider
+    print(f"{'config':<{w}} {'measure':<22} {'ours':>10} {'PyTorch':>10} {'speedup':>8}")
     for name, r in ours["configs"].items():
         t = (torch or {}).get("configs", {}).get(name, {})
         rows = [("train tokens/s", "train_tokens_per_s"), ("train step ms", "train_step_ms"),
@@ -235,14 +241,15 @@ def main():
             a, b = r[key], t.get(key)
             # For times, ours/PT > 1 should still mean "ours is faster": invert.
             rr = ratio(b, a) if key.endswith("ms") else ratio(a, b)
-            print(f"{name:<7} {label:<22} {a:>10.1f} {(f'{b:10.1f}' if b else '         -')} {rr:>8}")
+            print(f"{name:<{w}} {label:<22} {a:>10.1f} {(f'{b:10.1f}' if b else '         -')} {rr:>8}")
     if ours.get("matmul"):
         print()
-        print(f"{'matmul call':<26} {'op':<3} {'ours GF/s':>10} {'BLAS GF/s':>10} {'BLAS thr':>8} {'ours/BLAS':>10}")
+        wm = max([26] + [len(e["name"]) for e in ours["matmul"]])  # "llama-100m-512 decode ..."
+        print(f"{'matmul call':<{wm}} {'op':<3} {'ours GF/s':>10} {'BLAS GF/s':>10} {'BLAS thr':>8} {'ours/BLAS':>10}")
         totals = {}
         for e in ours["matmul"]:
             b, thr = blas.get(e["name"], (None, None))
-            print(f"{e['name']:<26} {e['op']:<3} {e['gflops_per_s']:>10.1f} "
+            print(f"{e['name']:<{wm}} {e['op']:<3} {e['gflops_per_s']:>10.1f} "
                   f"{(f'{b:10.1f}' if b else '         -')} {thr or '-':>8} {ratio(e['gflops_per_s'], b):>10}")
             tag = " ".join(e["name"].split()[:2]) if " decode " in e["name"] else e["name"].split()[0]
             flop = 2.0 * e["m"] * e["n"] * e["k"]
@@ -253,7 +260,7 @@ def main():
                 tot[2] += flop / (b * 1e6)
         for tag, (flop, ms, blas_ms) in totals.items():
             a, b = flop / (ms * 1e6), (flop / (blas_ms * 1e6) if blas_ms else None)
-            print(f"{tag + ' all':<26} {'':<3} {a:>10.1f} {(f'{b:10.1f}' if b else '         -')} {'':>8} {ratio(a, b):>10}")
+            print(f"{tag + ' all':<{wm}} {'':<3} {a:>10.1f} {(f'{b:10.1f}' if b else '         -')} {'':>8} {ratio(a, b):>10}")
 
 
 if __name__ == "__main__":

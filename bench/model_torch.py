@@ -18,6 +18,16 @@ batch 4 x 64, generation batch 4); and GPT-2 124M at GPU batches, as bench_model
 --config all: small and gpt2 on the CPU, all four on CUDA. --gen-batch N overrides the
 generation batch. Times are medians of --runs runs after one warm-up.
 
+The Llama family, run by name only (not by --config all), as bench_model's: llama-100m
+(12 layers, width 768, 12 query heads over 4 key/value heads, SwiGLU width 2048, vocab 32000,
+context 1024, tied LM head, RMSNorm eps 1e-6, rope theta 10000; train 4 x 64, generation
+batch 4) and llama-100m-512 (train 8 x 512, generation batch 8). Idiomatic torch as Hugging
+Face's LlamaForCausalLM: bias-free nn.Linear q/k/v/o and gate/up/down projections,
+torch.nn.RMSNorm (a small module where torch has none), rotary positions in HF's
+rotate_half convention, grouped-query attention by repeating the key/value heads (on CUDA,
+SDPA's enable_gqa instead where the pinned backend takes it; printed as gqa=), the KV cache
+holding the rotated keys, [batch, kv_heads, prompt+new, head_size] per layer.
+
 --device cuda (the GPU yardstick; the CPU behaviour is unchanged without it): the model and
 data on the GPU, torch.cuda.synchronize() before and after each timed run. The main figures
 are float32 with TF32 matmuls enabled (torch.backends.cuda.matmul.allow_tf32, the fair
@@ -32,9 +42,12 @@ FLOPs (printed): forward = 2 * tokens * (12 * L * C^2 + C * V) + 4 * L * B * T^2
 i.e. the dense layers and the LM head (2 FLOPs per multiply-add), plus the two attention
 products (q k^T and att v) counted as full T x T squares although causal attention needs
 only half; a training step = 3 x forward. Biases, LayerNorm, GELU, softmax and AdamW are
-not counted; tokens = B * T also for the LM head (which runs on B * (T - 1) rows).
+not counted; tokens = B * T also for the LM head (which runs on B * (T - 1) rows). Llama
+(bench_model's formula): 12 * C^2 per layer becomes C * (C + 2 * C * KVH / H) (q, k, v)
++ C^2 (o_proj) + 3 * C * I (SwiGLU); RMSNorm, rope and SiLU are not counted.
 
-    /usr/bin/python3 bench/model_torch.py [--device cpu|cuda] [--config small|gpt2|gpt2-512|gpt2-1024|all]
+    /usr/bin/python3 bench/model_torch.py [--device cpu|cuda]
+                                          [--config small|gpt2|gpt2-512|gpt2-1024|llama-100m|llama-100m-512|all]
                                           [--threads N] [--runs R] [--gen-batch N] [--json]
                                           [--bf16] [--attention auto|sdpa|matmul]
 
@@ -60,7 +73,10 @@ import warnings
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-parser.add_argument("--config", default="all", choices=["small", "gpt2", "gpt2-512", "gpt2-1024", "all"])
+parser.add_argument("--config", default="all",
+                    choices=["small", "gpt2", "gpt2-512", "gpt2-1024", "llama-100m", "llama-100m-512", "all"],
+                    help="all: small and gpt2 on the CPU, the four GPT-2 configs on cuda; the "
+                         "llama configs run by name only")
 parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
 parser.add_argument("--runs", type=int, default=0,
                     help="timed runs per measurement (default: 5 for small, 3 for gpt2)")
@@ -113,7 +129,21 @@ CONFIGS = {
                      train_batch=8, train_steps=512, gen_batch=8, runs=3),
     "gpt2-1024": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
                       train_batch=8, train_steps=1024, gen_batch=64, runs=3),
+    # The Llama family (bench_model's llama-100m / llama-100m-512): RMSNorm, rotary positions,
+    # SwiGLU MLP of width intermediate_size, n_kv_head key/value heads shared by the n_head
+    # query heads, no biases, LM head tied to the embedding. Run by name only (not by `all`).
+    "llama-100m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=32000, n_positions=1024,
+                       train_batch=4, train_steps=64, gen_batch=4, runs=3,
+                       llama=True, n_kv_head=4, intermediate_size=2048, rms_norm_eps=1e-6,
+                       rope_theta=10000.0),
+    "llama-100m-512": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=32000, n_positions=1024,
+                           train_batch=8, train_steps=512, gen_batch=8, runs=3,
+                           llama=True, n_kv_head=4, intermediate_size=2048, rms_norm_eps=1e-6,
+                           rope_theta=10000.0),
 }
+# --config all: the GPT-2 configs (small and gpt2 on the CPU); the llama ones only by name.
+ALL_CPU = ["small", "gpt2"]
+ALL_CUDA = [name for name, cfg in CONFIGS.items() if not cfg.get("llama")]
 PROMPT_TOKENS, NEW_TOKENS = 16, 64
 
 
@@ -181,10 +211,45 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class CausalLM(nn.Module):
+    """The LM loss and greedy generation shared by GPT and Llama: a subclass defines
+    hidden(idx, caches, pos) (the final-norm hidden states [B, T, C]; caches: per layer a
+    (k, v) pair of [B, n_kv_head, capacity, head_size]) and lm_head(h), and sets n_layer,
+    n_kv_head and head_size."""
+
+    def lm_loss(self, idx):
+        h = self.hidden(idx)[:, :-1]  # positions that have a next token
+        logits = self.lm_head(h)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
+
+    @torch.inference_mode()
+    def generate_greedy(self, prompt, new_tokens, cache_dtype=torch.float32):
+        B, T0 = prompt.shape
+        hs, kvh = self.head_size, self.n_kv_head
+        dev = prompt.device
+        caches = [(torch.empty(B, kvh, T0 + new_tokens, hs, dtype=cache_dtype, device=dev),
+                   torch.empty(B, kvh, T0 + new_tokens, hs, dtype=cache_dtype, device=dev))
+                  for _ in range(self.n_layer)]
+        out = torch.empty(B, new_tokens, dtype=torch.long, device=dev)
+        logprobs = torch.empty(B, new_tokens, device=dev)
+        h = self.hidden(prompt, caches, 0)[:, -1]  # prefill; only the last position's logits
+        pos = T0
+        for i in range(new_tokens):
+            logits = self.lm_head(h)  # [B, V]
+            tok = logits.argmax(dim=-1)
+            logprobs[:, i] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
+            out[:, i] = tok
+            if i + 1 < new_tokens:
+                h = self.hidden(tok[:, None], caches, pos)[:, -1]
+                pos += 1
+        return out, logprobs
+
+
+class GPT(CausalLM):
     def __init__(self, n_layer, n_embd, n_head, vocab_size, n_positions):
         super().__init__()
         self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
+        self.n_kv_head, self.head_size = n_head, n_embd // n_head  # the KV cache's shape
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(n_positions, n_embd)
         self.h = nn.ModuleList([Block(n_embd, n_head, n_positions) for _ in range(n_layer)])
@@ -208,38 +273,172 @@ class GPT(nn.Module):
     def lm_head(self, h):
         return F.linear(h, self.wte.weight)  # tied to the token embedding
 
-    def lm_loss(self, idx):
-        h = self.hidden(idx)[:, :-1]  # positions that have a next token
-        logits = self.lm_head(h)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), idx[:, 1:].reshape(-1))
 
-    @torch.inference_mode()
-    def generate_greedy(self, prompt, new_tokens, cache_dtype=torch.float32):
-        B, T0 = prompt.shape
-        hs = self.n_embd // self.n_head
-        dev = prompt.device
-        caches = [(torch.empty(B, self.n_head, T0 + new_tokens, hs, dtype=cache_dtype, device=dev),
-                   torch.empty(B, self.n_head, T0 + new_tokens, hs, dtype=cache_dtype, device=dev))
-                  for _ in range(self.n_layer)]
-        out = torch.empty(B, new_tokens, dtype=torch.long, device=dev)
-        logprobs = torch.empty(B, new_tokens, device=dev)
-        h = self.hidden(prompt, caches, 0)[:, -1]  # prefill; only the last position's logits
-        pos = T0
-        for i in range(new_tokens):
-            logits = self.lm_head(h)  # [B, V]
-            tok = logits.argmax(dim=-1)
-            logprobs[:, i] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None])[:, 0]
-            out[:, i] = tok
-            if i + 1 < new_tokens:
-                h = self.hidden(tok[:, None], caches, pos)[:, -1]
-                pos += 1
-        return out, logprobs
+# ---- the Llama family -------------------------------------------------------------------------
+
+class SimpleRMSNorm(nn.Module):
+    """torch.nn.RMSNorm's computation for a torch without it (< 2.4): x / rms(x) * weight."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rms_norm(dim, eps):
+    return nn.RMSNorm(dim, eps=eps) if hasattr(nn, "RMSNorm") else SimpleRMSNorm(dim, eps)
+
+
+def rotate_half(x):
+    """Hugging Face's rotary convention: the two halves of the head dimension are the pairs."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def repeat_kv(x, n_rep):
+    """[B, KVH, T, hd] -> [B, KVH * n_rep, T, hd]: query head h reads key/value head
+    h // n_rep (Hugging Face's repeat_kv; SDPA's enable_gqa maps the heads alike)."""
+    if n_rep == 1:
+        return x
+    B, KVH, T, hd = x.shape
+    return x[:, :, None].expand(B, KVH, n_rep, T, hd).reshape(B, KVH * n_rep, T, hd)
+
+
+class LlamaAttention(nn.Module):
+    use_sdpa = False  # set by main() on CUDA: F.scaled_dot_product_attention
+    sdpa_gqa = False  # and its enable_gqa (torch >= 2.5, where the pinned backend takes it)
+
+    def __init__(self, n_embd, n_head, n_kv_head, n_positions):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_size = n_head, n_kv_head, n_embd // n_head
+        hd = self.head_size
+        self.q_proj = nn.Linear(n_embd, n_head * hd, bias=False)
+        self.k_proj = nn.Linear(n_embd, n_kv_head * hd, bias=False)
+        self.v_proj = nn.Linear(n_embd, n_kv_head * hd, bias=False)
+        self.o_proj = nn.Linear(n_head * hd, n_embd, bias=False)
+        mask = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool))
+        self.register_buffer("causal", mask.view(1, 1, n_positions, n_positions), persistent=False)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        """x [B, T, C]; cos, sin [T, hd] (positions [pos, pos + T)). cache: (k, v), each
+        [B, KVH, capacity, hd], written at [pos, pos + T) with the rotated keys; attention
+        then runs over positions [0, pos + T)."""
+        B, T, _ = x.shape
+        H, KVH, hd = self.n_head, self.n_kv_head, self.head_size
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, KVH, hd).transpose(1, 2)  # [B, KVH, T, hd]
+        v = self.v_proj(x).view(B, T, KVH, hd).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # bfloat16 under autocast, as HF
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            kc, vc = cache
+            kc[:, :, pos:pos + T] = k
+            vc[:, :, pos:pos + T] = v
+            k, v = kc[:, :, :pos + T], vc[:, :, :pos + T]  # [B, KVH, pos + T, hd]
+        if self.use_sdpa and (T == 1 or pos == 0):
+            # is_causal as in CausalSelfAttention.
+            if self.sdpa_gqa:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+            else:
+                y = F.scaled_dot_product_attention(q, repeat_kv(k, H // KVH), repeat_kv(v, H // KVH),
+                                                   is_causal=T > 1)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+        k, v = repeat_kv(k, H // KVH), repeat_kv(v, H // KVH)  # [B, H, pos + T, hd]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # [B, H, T, pos + T]
+        if T > 1:  # one new query sees every cached position: no mask needed
+            att = att.masked_fill(~self.causal[:, :, pos:pos + T, :pos + T], float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, H * hd)
+        return self.o_proj(y)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, n_embd, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(n_embd, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, n_embd, n_head, n_kv_head, intermediate_size, n_positions, eps):
+        super().__init__()
+        self.input_layernorm = rms_norm(n_embd, eps)
+        self.self_attn = LlamaAttention(n_embd, n_head, n_kv_head, n_positions)
+        self.post_attention_layernorm = rms_norm(n_embd, eps)
+        self.mlp = LlamaMLP(n_embd, intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(CausalLM):
+    def __init__(self, n_layer, n_embd, n_head, n_kv_head, intermediate_size, vocab_size, n_positions,
+                 rms_norm_eps=1e-6, rope_theta=10000.0):
+        super().__init__()
+        assert n_embd % n_head == 0 and n_head % n_kv_head == 0
+        self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
+        self.n_kv_head, self.head_size = n_kv_head, n_embd // n_head  # the KV cache's shape
+        self.embed_tokens = nn.Embedding(vocab_size, n_embd)
+        self.layers = nn.ModuleList([LlamaBlock(n_embd, n_head, n_kv_head, intermediate_size, n_positions,
+                                                rms_norm_eps) for _ in range(n_layer)])
+        self.norm = rms_norm(n_embd, rms_norm_eps)
+        # Rotary tables (Hugging Face's default rope): angle p * theta^(-2i / hd) for
+        # i < hd / 2, repeated over both halves of the head dimension; [n_positions, hd].
+        hd = self.head_size
+        inv_freq = 1.0 / (rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        # The engine's initialization: N(0, 0.02) for the embedding and the projections, the
+        # residual projections (o_proj, down_proj) N(0, 0.02 / sqrt(2 L)); RMSNorm weights 1.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+            elif name.endswith(".weight") and p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def hidden(self, idx, caches=None, pos=0):
+        T = idx.shape[1]
+        x = self.embed_tokens(idx)
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # [T, hd]
+        for l, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if caches is None else caches[l], pos)
+        return self.norm(x)
+
+    def lm_head(self, h):
+        return F.linear(h, self.embed_tokens.weight)  # tied to the token embedding
+
+
+def build_model(cfg):
+    if cfg.get("llama"):
+        return Llama(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_kv_head"], cfg["intermediate_size"],
+                     cfg["vocab_size"], cfg["n_positions"], cfg["rms_norm_eps"], cfg["rope_theta"])
+    return GPT(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"], cfg["n_positions"])
 
 
 # ---- measurements ----------------------------------------------------------------------------
 
-def forward_flops(L, C, V, B, T):
-    return 2.0 * B * T * (12 * L * C * C + C * V) + 4.0 * L * B * T * T * C
+def forward_flops(cfg, B, T):
+    """bench_model's forward_flops: per layer the dense products (GPT-2: 12 C^2; Llama:
+    q, k, v C x (H + 2 KVH) hd, o_proj C^2, SwiGLU 3 C I), the LM head, and the two attention
+    products as full T x T squares."""
+    L, C, V = cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"]
+    if cfg.get("llama"):
+        I = cfg["intermediate_size"]
+        per_layer = C * (C + 2.0 * C * cfg["n_kv_head"] / cfg["n_head"]) + C * C + 3.0 * C * I
+    else:
+        per_layer = 12.0 * C * C
+    return 2.0 * B * T * (L * per_layer + C * V) + 4.0 * L * B * T * T * C
 
 
 def sync():
@@ -324,13 +523,52 @@ def pick_attention(dtype, n_head, head_size):
     return "sdpa (torch's choice)", contextlib.nullcontext
 
 
+def pick_gqa(dtype, ctx_factory, n_head, n_kv_head, head_size):
+    """Whether the Llama attention passes the key/value heads to SDPA as they are
+    (enable_gqa=True, torch >= 2.5) rather than repeated to n_head: only where the pinned
+    backend (ctx_factory) runs it, forward + backward and a decoding step; under torch's own
+    choice (no backend pinned) it could fall back to the slow math kernel, so not there."""
+    if ctx_factory is contextlib.nullcontext:
+        return False
+    try:
+        q = torch.randn(2, n_head, 64, head_size, device=DEVICE, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(2, n_kv_head, 64, head_size, device=DEVICE, dtype=dtype, requires_grad=True)
+                for _ in range(2))
+        with warnings.catch_warnings(), ctx_factory():
+            warnings.simplefilter("ignore")
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :17], v[:, :, :17], enable_gqa=True)
+        sync()
+        return True
+    except (RuntimeError, TypeError):  # no such argument, or the backend refuses it
+        return False
+
+
+def set_attention(att, ctx, dtype, names):
+    """Points both attention modules at `att` (from pick_attention); for Llama configs among
+    `names`, also decides enable_gqa. Returns the GQA label ("" when no Llama config)."""
+    CausalSelfAttention.use_sdpa = LlamaAttention.use_sdpa = att.startswith("sdpa")
+    LlamaAttention.sdpa_gqa = False
+    llama = [CONFIGS[n] for n in names if CONFIGS[n].get("llama")]
+    if not llama:
+        return ""
+    if LlamaAttention.use_sdpa:
+        c = llama[0]  # the Llama configs share their head shapes
+        LlamaAttention.sdpa_gqa = pick_gqa(dtype, ctx, c["n_head"], c["n_kv_head"], c["n_embd"] // c["n_head"])
+    return "enable_gqa" if LlamaAttention.sdpa_gqa else "repeat_kv"
+
+
 def bench_config(name, cfg, runs, bf16=False):
     torch.manual_seed(0)
     L, C, H, V, P = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"], cfg["n_positions"]
-    model = GPT(L, C, H, V, P).to(DEVICE)
+    model = build_model(cfg).to(DEVICE)
     n_params = sum(p.numel() for p in model.parameters())
     res = {"n_layer": L, "n_embd": C, "n_head": H, "vocab_size": V, "n_positions": P,
            "params": n_params, "runs": runs}
+    if cfg.get("llama"):
+        res.update({"model_type": "llama", "n_kv_head": cfg["n_kv_head"],
+                    "intermediate_size": cfg["intermediate_size"]})
     # bfloat16 autocast (CUDA, --bf16) around the forward passes; float32 otherwise.
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if not args.skip_train:
@@ -356,7 +594,7 @@ def bench_config(name, cfg, runs, bf16=False):
             return loss
 
         ms, best = median_ms(train_step, runs)
-        flops = 3.0 * forward_flops(L, C, V, B, T)
+        flops = 3.0 * forward_flops(cfg, B, T)
         res.update({"train_batch": B, "train_steps": T, "train_step_ms": ms, "train_step_best_ms": best,
                     "train_tokens_per_s": B * T / (ms * 1e-3), "train_gflop": flops / 1e9,
                     "train_gflops_per_s": flops / (ms * 1e6)})
@@ -407,43 +645,53 @@ def run_configs(names, bf16=False):
 
 def main_cuda(names):
     gpu = torch.cuda.get_device_name(0)
-    # GPT-2's head size is 64 in every config.
+    # Every config has 12 heads of 64 (GPT-2's and the Llama ones' query heads).
     att, att_ctx = pick_attention(torch.float32, 12, 64)
-    CausalSelfAttention.use_sdpa = att.startswith("sdpa")
+    gqa = set_attention(att, att_ctx, torch.float32, names)
     probe = tf32_probe()
     print(f"PyTorch {torch.__version__} CUDA {torch.version.cuda}  device={gpu}  "
           f"tf32 matmul probe [8192x768]x[768x2304]: {probe:.1f} TFLOP/s")
-    print("FLOPs: forward = 2*B*T*(12*L*C^2 + C*V) + 4*L*B*T^2*C (attention products counted "
-          "as full TxT, not causal halves); train step = 3 x forward")
-    print(f"-- float32 with TF32 matmuls (allow_tf32)  attention={att}")
+    print_flops_line(names)
+    print(f"-- float32 with TF32 matmuls (allow_tf32)  attention={att}" + (f"  gqa={gqa}" if gqa else ""))
     with att_ctx():
         results = run_configs(names)
     print_table(results)
     out = {"impl": "torch", "version": torch.__version__, "device": "cuda", "gpu": gpu,
            "cuda": torch.version.cuda, "precision": "float32+tf32", "attention": att,
            "tf32_probe_tflops_per_s": probe, "configs": results}
+    if gqa:
+        out["attention_gqa"] = gqa
     if args.bf16:
         att16, att16_ctx = pick_attention(torch.bfloat16, 12, 64)
-        CausalSelfAttention.use_sdpa = att16.startswith("sdpa")
-        print(f"-- bfloat16 autocast (float32 weights and AdamW)  attention={att16}")
+        gqa16 = set_attention(att16, att16_ctx, torch.bfloat16, names)
+        print(f"-- bfloat16 autocast (float32 weights and AdamW)  attention={att16}"
+              + (f"  gqa={gqa16}" if gqa16 else ""))
         with att16_ctx():
             results16 = run_configs(names, bf16=True)
         print_table(results16)
         out.update({"attention_bf16": att16, "configs_bf16": results16})
+        if gqa16:
+            out["attention_gqa_bf16"] = gqa16
     if args.json:
         print(json.dumps(out, sort_keys=True))
 
 
+def print_flops_line(names):
+    print("FLOPs: forward = 2*B*T*(12*L*C^2 + C*V) + 4*L*B*T^2*C (attention products counted "
+          "as full TxT, not causal halves); train step = 3 x forward")
+    if any(CONFIGS[n].get("llama") for n in names):
+        print("       Llama: 12*C^2 per layer -> C*(C + 2*C*KVH/H) + C^2 + 3*C*I (q/k/v, o_proj, SwiGLU)")
+
+
 def main():
     if CUDA:
-        return main_cuda(list(CONFIGS) if args.config == "all" else [args.config])
-    names = ["small", "gpt2"] if args.config == "all" else [args.config]
+        return main_cuda(ALL_CUDA if args.config == "all" else [args.config])
+    names = ALL_CPU if args.config == "all" else [args.config]
     blas = loaded_blas()
     probe = sgemm_probe()
     print(f"PyTorch {torch.__version__} float32 CPU  threads={torch.get_num_threads()}  "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}  blas={blas}  sgemm probe [256x768]x[768x2304]: {probe:.1f} GFLOP/s")
-    print("FLOPs: forward = 2*B*T*(12*L*C^2 + C*V) + 4*L*B*T^2*C (attention products counted "
-          "as full TxT, not causal halves); train step = 3 x forward")
+    print_flops_line(names)
     results = run_configs(names)
     print_table(results)
     if args.json:

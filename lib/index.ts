@@ -14,6 +14,8 @@ export type { FloatArray, TokenArray, MaskArray, SequenceShape } from './validat
 export { Model } from './model';
 export type {
   GPT2Config,
+  LlamaConfig,
+  ResolvedModelConfig,
   ModelDevice,
   CreateModelOptions,
   LoadModelOptions,

@@ -18,8 +18,16 @@ import { booleanOption, describe, float32, isArrayLike, numberOption, objectArgu
 
 // ---- public types ---------------------------------------------------------------------------
 
-/** GPT-2's hyperparameters (Hugging Face's config.json, in camelCase). */
+/**
+ * A model's hyperparameters (Hugging Face's config.json, in camelCase). GPT-2 by default;
+ * `modelType: 'llama'` selects the Llama family (RMSNorm, rotary positions, SwiGLU,
+ * grouped-query attention, no biases), whose Llama-only fields follow. For Llama, nEmbd is
+ * hidden_size, nLayer num_hidden_layers, nHead num_attention_heads and nPositions
+ * max_position_embeddings.
+ */
 export interface GPT2Config {
+  /** 'gpt2' (default) or 'llama'. */
+  modelType?: 'gpt2' | 'llama';
   /** V: the number of token ids (50257 for GPT-2). */
   vocabSize: number;
   /** The context length: the longest sequence the model takes (1024 for GPT-2). */
@@ -38,7 +46,26 @@ export interface GPT2Config {
   bosTokenId?: number;
   /** Default: vocabSize - 1. */
   eosTokenId?: number;
+  /** Llama: key/value heads of grouped-query attention (default nHead); nHead must be a multiple. */
+  nKvHead?: number;
+  /** Llama: the SwiGLU MLP's width (default 4 * nEmbd). */
+  intermediateSize?: number;
+  /** Llama: RMSNorm's epsilon (default 1e-6). */
+  rmsNormEps?: number;
+  /** Llama: the rotary base (default 10000). */
+  ropeTheta?: number;
+  /** Llama: linear rotary scaling, positions divided by this factor (default 1: none). */
+  ropeScaling?: number;
+  /** Llama: the LM head is the token embedding (default false: an lm_head of its own). */
+  tieWordEmbeddings?: boolean;
 }
+
+/** A Llama-family config. */
+export type LlamaConfig = GPT2Config & { modelType: 'llama' };
+
+type LlamaOnlyField = 'nKvHead' | 'intermediateSize' | 'rmsNormEps' | 'ropeTheta' | 'ropeScaling' | 'tieWordEmbeddings';
+/** A model's config with every default filled in; the Llama-only fields are there on Llama models. */
+export type ResolvedModelConfig = Required<Omit<GPT2Config, LlamaOnlyField>> & Pick<GPT2Config, LlamaOnlyField>;
 
 /** Where a model runs (resolved: never 'auto'). */
 export type ModelDevice = 'cpu' | 'cuda';
@@ -225,6 +252,13 @@ const CONFIG_FIELDS: readonly (keyof GPT2Config)[] = [
   'valueHead',
   'bosTokenId',
   'eosTokenId',
+  'modelType',
+  'nKvHead',
+  'intermediateSize',
+  'rmsNormEps',
+  'ropeTheta',
+  'ropeScaling',
+  'tieWordEmbeddings',
 ];
 
 function integerIn(name: string, value: unknown, min: number, max: number, code: ErrorCode = 'ERR_INVALID_ARGUMENT'): number {
@@ -254,7 +288,30 @@ export function normalizeConfig(value: unknown): NativeModelConfig {
   }
   const tokenId = (key: 'bosTokenId' | 'eosTokenId') =>
     c[key] === undefined ? vocabSize - 1 : integerIn(`config.${key}`, c[key], 0, vocabSize - 1, 'ERR_OUT_OF_RANGE');
+  const modelType = c.modelType === undefined ? 'gpt2' : c.modelType;
+  if (modelType !== 'gpt2' && modelType !== 'llama') {
+    throw invalidArgument('config.modelType', `config.modelType must be 'gpt2' or 'llama', got ${describe(c.modelType)}`);
+  }
+  const nKvHead = c.nKvHead === undefined ? nHead : integerIn('config.nKvHead', c.nKvHead, 1, nHead);
+  if (modelType === 'llama') {
+    if (nHead % nKvHead !== 0) throw invalidArgument('config.nKvHead', `config.nHead (${nHead}) must be a multiple of config.nKvHead (${nKvHead})`);
+    if ((nEmbd / nHead) % 2 !== 0) throw invalidArgument('config.nHead', `the head size nEmbd / nHead (${nEmbd / nHead}) must be even for rotary positions`);
+  }
+  const positive = (key: keyof GPT2Config, fallback: number) => numberOption(`config.${key}`, c[key], fallback, { min: 0, minExclusive: true });
+  const llama =
+    modelType === 'llama'
+      ? {
+          nKvHead,
+          intermediateSize: c.intermediateSize === undefined ? 4 * nEmbd : integerIn('config.intermediateSize', c.intermediateSize, 1, MAX_INT32),
+          rmsNormEps: positive('rmsNormEps', 1e-6),
+          ropeTheta: positive('ropeTheta', 10000),
+          ropeScaling: positive('ropeScaling', 1),
+          tieWordEmbeddings: booleanOption('config.tieWordEmbeddings', c.tieWordEmbeddings, false),
+        }
+      : {};
   return {
+    modelType,
+    ...llama,
     vocabSize,
     nPositions,
     nEmbd,
@@ -482,7 +539,7 @@ const noop = (): void => undefined;
 /** A GPT-2 model held in native memory. Create one with Model.create or Model.load. */
 export class Model {
   /** The model's hyperparameters, every field filled in. */
-  readonly config: Readonly<Required<GPT2Config>>;
+  readonly config: Readonly<ResolvedModelConfig>;
   /** Where it runs (a clone runs where its source does). */
   readonly device: ModelDevice;
   /** false for a frozen model: backward and step are refused. */

@@ -23,6 +23,14 @@ export interface NativeModelHandle {
 
 /** A model's config as the addon reports it (camelCase, every field present). */
 export interface NativeModelConfig {
+  modelType: 'gpt2' | 'llama';
+  // Llama only:
+  nKvHead?: number;
+  intermediateSize?: number;
+  rmsNormEps?: number;
+  ropeTheta?: number;
+  ropeScaling?: number;
+  tieWordEmbeddings?: boolean;
   vocabSize: number;
   nPositions: number;
   nEmbd: number;

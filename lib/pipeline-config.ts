@@ -16,7 +16,7 @@ export interface PipelineConfig {
   corpus: string;
   tokenizer: string | null;
   vocabSize: number;
-  model: { nEmbd: number; nLayer: number; nHead: number; nPositions: number };
+  model: { type: 'gpt2' | 'llama'; init: string | null; nEmbd: number; nLayer: number; nHead: number; nKvHead: number; nPositions: number };
   sft: { steps: number; batchSize: number; lr: number; warmupSteps: number; evalEvery: number; checkpointEvery: number };
   prompts: { openingWords: number; heldOutFraction: number; evalCount: number };
   labels: { rounds: number; temperature: number; heldOutFraction: number; countRepeats: boolean };
@@ -64,9 +64,12 @@ export const PIPELINE_OPTIONS: OptionSpec[] = [
   { key: 'corpus', type: 'string', defaults: 'moby-dick', help: "the text: 'moby-dick', 'sotu' (State of the Union addresses), 'moby-dick+sotu', or a .txt or .jsonl file of your own" },
   { key: 'tokenizer', type: 'string?', defaults: null, help: 'a tokenizer.json to use (it needs an end-of-text token); default: train a byte-level BPE on the corpus' },
   { key: 'vocabSize', type: 'int', min: 260, defaults: sized(1024, 4096, 8192), help: 'the trained tokenizer\'s vocabulary (256 bytes + merges + <|endoftext|>)' },
+  { key: 'model.type', type: 'string', choices: ['gpt2', 'llama'], defaults: 'gpt2', help: "the architecture of a model trained from scratch: 'gpt2' or 'llama' (RMSNorm, rotary positions, SwiGLU, grouped-query attention)" },
+  { key: 'model.init', type: 'string?', defaults: null, help: 'a Hugging Face checkpoint directory (GPT-2 or Llama: config.json + safetensors) to start SFT from instead of a new model; needs --tokenizer (its tokenizer.json); model.type and the sizes are then the checkpoint\'s' },
   { key: 'model.nEmbd', type: 'int', min: 8, defaults: sized(48, 192, 384), help: 'GPT width' },
   { key: 'model.nLayer', type: 'int', min: 1, defaults: sized(2, 4, 6), help: 'GPT blocks' },
   { key: 'model.nHead', type: 'int', min: 1, defaults: sized(2, 6, 6), help: 'attention heads (must divide nEmbd)' },
+  { key: 'model.nKvHead', type: 'int', min: 0, defaults: 0, help: "key/value heads of a 'llama' model (grouped-query attention; 0: one per attention head)" },
   { key: 'model.nPositions', type: 'int', min: 16, defaults: sized(48, 64, 96), help: 'context length; sentences longer than this are left out' },
   { key: 'sft.steps', type: 'int', min: 1, defaults: sized(30, 1500, 6000), help: 'pretraining/SFT steps on the corpus\'s sentences (packed rows, loss on every token)' },
   { key: 'sft.batchSize', type: 'int', min: 1, defaults: sized(8, 16, 32), help: 'rows of nPositions tokens per SFT step' },

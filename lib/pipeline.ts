@@ -21,7 +21,7 @@ import * as path from 'path';
 import { Corpus, CorpusSplit, loadCorpus, sentenceOpening, splitCorpus } from './corpus';
 import { PpoMaxError } from './errors';
 import { SentimentLabeler } from './labeler';
-import { Model } from './model';
+import { GPT2Config, Model } from './model';
 import { JsonlLog, ProgressBar, writeFileAtomic } from './monitor';
 import { PipelineConfig } from './pipeline-config';
 import { PpoOptions, ppoMax, ppoPtx, vanilla } from './ppo-options';
@@ -141,6 +141,9 @@ export class Pipeline {
   constructor(readonly config: PipelineConfig, private readonly o: RunOptions = {}) {
     for (const p of config.ppo.presets) {
       if (!PRESETS[p]) throw new PpoMaxError('ERR_INVALID_ARGUMENT', `ppo.presets: unknown preset '${p}' (the presets: ${Object.keys(PRESETS).join(', ')})`, 'ppo.presets');
+    }
+    if (config.model.init && !config.tokenizer) {
+      throw new PpoMaxError('ERR_INVALID_ARGUMENT', "model.init needs the checkpoint's tokenizer: give --tokenizer <its tokenizer.json>", 'model.init');
     }
     this.log = o.log ?? ((line) => console.log(line));
     this.bar = ProgressBar.enabled(o.progressBar) ? new ProgressBar() : null;
@@ -275,6 +278,30 @@ export class Pipeline {
     return summary;
   }
 
+  /** The config of a model trained from scratch (model.type, model.* sizes). */
+  private newModelConfig(vocabSize: number, eos: number): GPT2Config {
+    const m = this.config.model;
+    const base: GPT2Config = { vocabSize, nPositions: m.nPositions, nEmbd: m.nEmbd, nLayer: m.nLayer, nHead: m.nHead, bosTokenId: eos, eosTokenId: eos };
+    if (m.type !== 'llama') return base;
+    // SwiGLU's width: 8/3 of the width (the parameters of GPT-2's 4C GELU MLP), to a multiple of 16.
+    return { ...base, modelType: 'llama', nKvHead: m.nKvHead > 0 ? m.nKvHead : m.nHead, intermediateSize: Math.max(16, Math.round((8 * m.nEmbd) / 3 / 16) * 16) };
+  }
+
+  /** model.init: a user's checkpoint, checked against the tokenizer and the context length. */
+  private async initialModel(dir: string, tokenizerVocab: number): Promise<Model> {
+    const c = this.config;
+    const model = await Model.load(dir, { device: c.device });
+    if (model.config.vocabSize < tokenizerVocab) {
+      await model.dispose();
+      throw new PpoMaxError('ERR_SHAPE_MISMATCH', `model.init: the checkpoint's vocabulary (${model.config.vocabSize}) is smaller than the tokenizer's (${tokenizerVocab})`, 'model.init');
+    }
+    if (model.config.nPositions < c.model.nPositions) {
+      await model.dispose();
+      throw new PpoMaxError('ERR_OUT_OF_RANGE', `model.nPositions (${c.model.nPositions}) exceeds the checkpoint's context (${model.config.nPositions}): lower --model.nPositions`, 'model.nPositions');
+    }
+    return model;
+  }
+
   private async sftStage(): Promise<Record<string, unknown>> {
     const c = this.config;
     const data = await this.runData();
@@ -311,10 +338,7 @@ export class Pipeline {
     } else {
       fs.rmSync(this.dir('sft'), { recursive: true, force: true });
       fs.mkdirSync(this.dir('sft'), { recursive: true });
-      const model = await Model.create(
-        { vocabSize: tokenizer.vocabSize, nPositions: c.model.nPositions, nEmbd: c.model.nEmbd, nLayer: c.model.nLayer, nHead: c.model.nHead, bosTokenId: eos, eosTokenId: eos },
-        { seed: c.seed, device: c.device },
-      );
+      const model = c.model.init ? await this.initialModel(c.model.init, tokenizer.vocabSize) : await Model.create(this.newModelConfig(tokenizer.vocabSize, eos), { seed: c.seed, device: c.device });
       trainer = SftTrainer.create(model, sftOptions);
       start = await trainer.evaluate(heldOut);
       appendJsonl(sftOptions.logFile, { kind: 'sftEval', step: 0, ...start });

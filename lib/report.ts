@@ -150,7 +150,7 @@ export async function writeReport(pipeline: Pipeline): Promise<string> {
   const pipelineRows: [string, string][] = [
     ['Corpus', `${escapeHtml(c.corpus)}: ${tok?.sentencesTrain ?? '?'} sentences for pretraining, ${tok?.sentencesHeldOut ?? '?'} held out (prompts are their first ${c.prompts.openingWords} words)`],
     ['Tokenizer', `byte-level BPE, ${tok?.vocabSize ?? '?'} tokens, ${fmt(tok?.charsPerToken, 2)} characters per token`],
-    ['Model', `GPT: ${c.model.nLayer} layers, width ${c.model.nEmbd}, ${c.model.nHead} heads, context ${c.model.nPositions}`],
+    ['Model', c.model.init ? `from ${c.model.init}, context ${c.model.nPositions}` : `${c.model.type === 'llama' ? 'Llama' : 'GPT-2'}: ${c.model.nLayer} layers, width ${c.model.nEmbd}, ${c.model.nHead} heads, context ${c.model.nPositions}`],
     ['SFT', sft ? `held-out perplexity ${fmt(sft.perplexityStart, 1)} → ${fmt(sft.perplexityEnd, 1)} in ${c.sft.steps} steps (${fmt(sft.epochs, 1)} epochs)` : 'not run'],
     ['Labels', labels ? `${labels.pairs} preference pairs of ${labels.compared} comparisons (${labels.ties} ties dropped), ${labels.heldOut} held out` : 'not run'],
     ['Reward model', rm ? `held-out pairwise accuracy <b>${fmt(100 * rm.accuracy, 1)}%</b> (chance 50%) on ${rm.heldOutPairs} pairs; trained on ${rm.trainPairs}` : 'not run'],

@@ -62,7 +62,7 @@ describe('creating models', () => {
 
   test('config defaults, device, trainable and memory', async () => {
     const m = await Model.create(TINY, { device: 'auto' });
-    expect(m.config).toEqual({ ...TINY, layerNormEpsilon: 1e-5, valueHead: false, bosTokenId: V - 1, eosTokenId: V - 1 });
+    expect(m.config).toEqual({ ...TINY, modelType: 'gpt2', layerNormEpsilon: 1e-5, valueHead: false, bosTokenId: V - 1, eosTokenId: V - 1 });
     expect(Object.isFrozen(m.config)).toBe(true);
     expect(m.device).toBe('cpu');
     expect(m.trainable).toBe(true);

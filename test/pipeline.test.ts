@@ -326,6 +326,33 @@ describe('the pipeline in miniature (tiny model, a few steps)', () => {
   }, 60000);
 });
 
+describe('the pipeline on the Llama family', () => {
+  test('a Llama model from scratch (--model.type llama), then a run that starts from its checkpoint (--model.init)', async () => {
+    const first = path.join(tmpRoot, 'llama');
+    const sft = await cli(['sft', '--size', 'tiny', '--runDir', first, '--model.type', 'llama', '--model.nKvHead', '1', '--sft.steps', '20', '--no-progress']);
+    expect(sft.err).toBe('');
+    expect(sft.code).toBe(0);
+    const config = readJson(path.join(first, 'sft', 'model', 'config.json'));
+    expect(config).toMatchObject({ model_type: 'llama', num_key_value_heads: 1, num_attention_heads: 2 });
+    const evals = readJsonl(path.join(first, 'sft', 'log.jsonl')).filter((r) => r.kind === 'sftEval');
+    expect(evals[evals.length - 1].perplexity).toBeLessThan(evals[0].perplexity);
+    // A second run starts SFT from that checkpoint with its tokenizer, then goes on to PPO.
+    const second = path.join(tmpRoot, 'llama-init');
+    const tokenizer = path.join(first, 'tokenizer', 'tokenizer.json');
+    const init = path.join(first, 'sft', 'model');
+    const needsTokenizer = await cli(['sft', '--size', 'tiny', '--runDir', second, '--model.init', init, '--no-progress']);
+    expect(needsTokenizer.code).toBe(2);
+    expect(needsTokenizer.err).toMatch(/model.init needs the checkpoint's tokenizer/);
+    const run = await cli(['demo', '--size', 'tiny', '--runDir', second, '--model.init', init, '--tokenizer', tokenizer, '--sft.steps', '5', '--ppo.presets', 'ppoMax', '--no-progress']);
+    expect(run.err).toBe('');
+    expect(run.code).toBe(0);
+    const start = readJsonl(path.join(second, 'sft', 'log.jsonl')).find((r) => r.kind === 'sftEval');
+    // Starting from the trained checkpoint: far below the perplexity of a new model.
+    expect(start.perplexity).toBeLessThan(evals[0].perplexity);
+    expect(readJson(path.join(second, 'ppo-ppoMax', 'done.json')).stage).toBe('ppo-ppoMax');
+  }, 120000);
+});
+
 describe('interrupted and resumed, the run reaches the same numbers', () => {
   test('stopping in SFT and in PPO, then resuming, reproduces an uninterrupted run', async () => {
     const layer = { runDir: '', 'ppo.presets': 'ppoMax', 'ppo.steps': 4, 'ppo.checkpointEvery': 1000, 'sft.checkpointEvery': 1000 };

@@ -71,7 +71,7 @@ describe('README examples', () => {
   });
 
   test('the model example type-checks and runs', async () => {
-    const logged = await typeCheckAndRun(example('## The model (the GPT-2 engine)'));
+    const logged = await typeCheckAndRun(example('## The model (GPT-2 and Llama)'));
     expect(logged.length).toBe(1);
     const [loss, tokens, logprobs] = logged[0] as [number, Int32Array, Float32Array];
     expect(loss).toBeGreaterThan(3); // ~log(64) for a fresh model

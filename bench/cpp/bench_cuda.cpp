@@ -537,12 +537,12 @@ void bench_attention(const Ceilings& c) {
     f.section = "attention", f.name = "attention fwd T=" + std::to_string(T), f.detail = d;
     f.flop = fwd_flop, f.ceiling = "fp32";
     run_entry(f, c, [&] {
-      ppo::cuda::attention_forward(B, T, C, H, lengths.get(), qkv.get(), saved.get(), out.get());
+      ppo::cuda::attention_forward(B, T, H, H, hs, lengths.get(), qkv.get(), saved.get(), out.get());
     });
     Entry b = f;
     b.name = "attention bwd T=" + std::to_string(T), b.flop = 2.5 * fwd_flop;
     run_entry(b, c, [&] {
-      ppo::cuda::attention_backward(B, T, C, H, lengths.get(), gout.get(), qkv.get(), out.get(),
+      ppo::cuda::attention_backward(B, T, H, H, hs, lengths.get(), gout.get(), qkv.get(), out.get(),
                                     saved.get(), gqkv.get());
     });
   }

@@ -12,6 +12,9 @@
 // generation batch 8) and gpt2 (124M: 12/768/12, vocab 50257, context 1024; train 4 x 64,
 // generation batch 4). Medians of --runs runs after one warm-up (plus the best run: on a
 // shared machine the steadier figure).
+// The Llama family: llama-100m (12 x 768, 12 query heads over 4 key/value heads, SwiGLU
+// width 2048, vocab 32000, tied head: 100.2M parameters; train 4 x 64 like gpt2) and
+// llama-100m-512 (train 8 x 512), run by name (--config llama-100m), not by `all`.
 // Two more configs, GPT-2 124M at realistic GPU batches: gpt2-512 (train 8 x 512,
 // generation batch 8) and gpt2-1024 (train 8 x 1024, generation batch 64). --config all
 // runs small and gpt2 on the CPU (as before), and all four on CUDA; the big two can be named
@@ -30,7 +33,7 @@
 // two attention products counted as full T x T, not causal halves); a training step is
 // 3 x forward. Matmuls: 2 m n k.
 //
-//   ./bench_model [--device cpu|cuda] [--config small|gpt2|gpt2-512|gpt2-1024|all] [--runs N]
+//   ./bench_model [--device cpu|cuda] [--config small|gpt2|gpt2-512|gpt2-1024|llama-100m|llama-100m-512|all] [--runs N]
 //                 [--gen-batch N] [--json] [--skip-train] [--skip-generate] [--skip-matmul]
 // Threads: the ppo pool's (PPO_MAX_THREADS, else every hardware thread). On CUDA the matmul
 // path is PPO_CUDA_MATMUL's (tf32 by default; printed in the header).
@@ -69,6 +72,10 @@ struct BenchConfig {
   int64_t n_layer, n_embd, n_head, vocab, n_positions;
   int64_t train_batch, train_steps, gen_batch;
   bool in_cpu_all;  // part of --config all on the CPU (the big two are GPU-sized)
+  // The Llama family (RMSNorm, rotary positions, SwiGLU, grouped-query attention): the
+  // key/value heads and the MLP width; the LM head is tied to the embedding.
+  bool llama = false;
+  int64_t n_kv_head = 0, intermediate = 0;
 };
 
 const BenchConfig kConfigs[] = {
@@ -76,6 +83,10 @@ const BenchConfig kConfigs[] = {
     {"gpt2", 12, 768, 12, 50257, 1024, 4, 64, 4, true},
     {"gpt2-512", 12, 768, 12, 50257, 1024, 8, 512, 8, false},
     {"gpt2-1024", 12, 768, 12, 50257, 1024, 8, 1024, 64, false},
+    // About 100M parameters (SmolLM-like proportions): 12 x 768, 12 query heads over 4
+    // key/value heads, SwiGLU width 2048, a 32k vocabulary, tied head: 100.2M.
+    {"llama-100m", 12, 768, 12, 32000, 1024, 4, 64, 4, false, true, 4, 2048},
+    {"llama-100m-512", 12, 768, 12, 32000, 1024, 8, 512, 8, false, true, 4, 2048},
 };
 
 ModelConfig model_config(const BenchConfig& b) {
@@ -86,6 +97,12 @@ ModelConfig model_config(const BenchConfig& b) {
   c.n_layer = b.n_layer;
   c.n_head = b.n_head;
   c.bos_token_id = c.eos_token_id = b.vocab - 1;  // GPT-2's 50256 is out of the small vocab
+  if (b.llama) {
+    c.model_type = "llama";
+    c.n_kv_head = b.n_kv_head;
+    c.intermediate_size = b.intermediate;
+    c.tie_word_embeddings = true;
+  }
   c.validate();
   return c;
 }
@@ -114,7 +131,11 @@ Timing time_runs(const std::function<void()>& fn, int runs) {
 double forward_flops(const BenchConfig& b, int64_t B, int64_t T) {
   const double L = static_cast<double>(b.n_layer), C = static_cast<double>(b.n_embd),
                V = static_cast<double>(b.vocab);
-  return 2.0 * B * T * (12.0 * L * C * C + C * V) + 4.0 * L * B * static_cast<double>(T) * T * C;
+  // Per layer: qkv C x (H + 2 KVH) hs, the output projection C x C, the MLP (GPT-2: 8 C^2;
+  // Llama: 3 C I); 12 L C^2 in all for GPT-2.
+  const double per_layer =
+      b.llama ? C * (C + 2.0 * C * b.n_kv_head / b.n_head) + C * C + 3.0 * C * b.intermediate : 12.0 * C * C;
+  return 2.0 * B * T * (L * per_layer + C * V) + 4.0 * L * B * static_cast<double>(T) * T * C;
 }
 
 std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint32_t seed) {
@@ -240,8 +261,10 @@ std::vector<Shape> engine_shapes(const BenchConfig& b) {
     int64_t in, out;
   };
   const int64_t C = b.n_embd;
-  const Layer layers[] = {{"qkv", C, 3 * C}, {"attn_proj", C, C}, {"mlp_fc", C, 4 * C},
-                          {"mlp_proj", 4 * C, C}, {"lm_head", C, b.vocab}};
+  const int64_t qkv = b.llama ? C + 2 * C * b.n_kv_head / b.n_head : 3 * C;
+  const int64_t fc = b.llama ? 2 * b.intermediate : 4 * C, act = b.llama ? b.intermediate : 4 * C;
+  const Layer layers[] = {{"qkv", C, qkv}, {"attn_proj", C, C}, {"mlp_fc", C, fc},
+                          {"mlp_proj", act, C}, {"lm_head", C, b.vocab}};
   const int64_t rows = b.train_batch * b.train_steps;
   const int64_t head_rows = b.train_batch * (b.train_steps - 1);
   for (const Layer& l : layers) {
@@ -313,7 +336,7 @@ int main(int argc, char** argv) {
       matmuls = false;
     } else {
       std::fprintf(stderr,
-                   "usage: %s [--device cpu|cuda] [--config small|gpt2|gpt2-512|gpt2-1024|all] "
+                   "usage: %s [--device cpu|cuda] [--config small|gpt2|gpt2-512|gpt2-1024|llama-100m|llama-100m-512|all] "
                    "[--runs N] [--gen-batch N] [--json] [--skip-train] [--skip-generate] "
                    "[--skip-matmul]\n",
                    argv[0]);
@@ -323,7 +346,7 @@ int main(int argc, char** argv) {
   bool known = which == "all";
   for (const BenchConfig& b : kConfigs) known = known || which == b.name;
   if (!known) {
-    std::fprintf(stderr, "--config must be small, gpt2, gpt2-512, gpt2-1024 or all (got '%s')\n",
+    std::fprintf(stderr, "--config must be small, gpt2, gpt2-512, gpt2-1024, llama-100m, llama-100m-512 or all (got '%s')\n",
                  which.c_str());
     return 2;
   }

@@ -48,6 +48,15 @@ Napi::Object config_to_js(Napi::Env env, const model::ModelConfig& c) {
   o.Set("valueHead", c.value_head);
   o.Set("bosTokenId", static_cast<double>(c.bos_token_id));
   o.Set("eosTokenId", static_cast<double>(c.eos_token_id));
+  o.Set("modelType", c.model_type);
+  if (c.is_llama()) {  // the Llama-only fields
+    o.Set("nKvHead", static_cast<double>(c.kv_heads()));
+    o.Set("intermediateSize", static_cast<double>(c.intermediate_size));
+    o.Set("rmsNormEps", c.rms_norm_eps);
+    o.Set("ropeTheta", c.rope_theta);
+    o.Set("ropeScaling", c.rope_scaling);
+    o.Set("tieWordEmbeddings", c.tie_word_embeddings);
+  }
   return o;
 }
 
@@ -432,6 +441,15 @@ model::ModelConfig config_from_js(const Napi::Value& value) {
   c.value_head = a.flag("valueHead", false);
   c.bos_token_id = a.integer_or("bosTokenId", 0, kMaxInt32, c.vocab_size - 1);
   c.eos_token_id = a.integer_or("eosTokenId", 0, kMaxInt32, c.vocab_size - 1);
+  if (a.has("modelType")) c.model_type = a.string("modelType");
+  if (c.is_llama()) {
+    c.n_kv_head = a.integer_or("nKvHead", 1, kMaxInt32, c.n_head);
+    c.intermediate_size = a.integer_or("intermediateSize", 1, kMaxInt32, 4 * c.n_embd);
+    c.rms_norm_eps = a.number_or("rmsNormEps", 1e-6);
+    c.rope_theta = a.number_or("ropeTheta", 10000.0);
+    c.rope_scaling = a.number_or("ropeScaling", 1.0);
+    c.tie_word_embeddings = a.flag("tieWordEmbeddings", false);
+  }
   c.validate();
   return c;
 }

@@ -86,23 +86,45 @@ struct EngineOps {
                              const int32_t* tokens, const int32_t* positions, float* grad_wte,
                              float* grad_wpe);
 
+  // ---- the Llama family's layers (cpu/llama_layers.h) ----------------------------------------
+  void (*rmsnorm_forward)(int64_t rows, int64_t channels, const float* in, const float* weight, float eps,
+                          float* out, float* rstd);
+  void (*rmsnorm_backward)(int64_t rows, int64_t channels, const float* grad_out, const float* in,
+                           const float* weight, const float* rstd, float* grad_in, float* grad_weight);
+  // Rotary positions in place on `heads` heads from column col_offset of rows of row_stride.
+  void (*rope_forward)(int64_t rows, int64_t row_stride, int64_t col_offset, int64_t heads,
+                       int64_t head_size, const int32_t* positions, float theta, float scaling, float* x);
+  void (*rope_backward)(int64_t rows, int64_t row_stride, int64_t col_offset, int64_t heads,
+                        int64_t head_size, const int32_t* positions, float theta, float scaling,
+                        float* grad);
+  void (*swiglu_forward)(int64_t rows, int64_t hidden, const float* gate_up, float* out);
+  void (*swiglu_backward)(int64_t rows, int64_t hidden, const float* gate_up, const float* grad_out,
+                          float* grad_gate_up);
+
   // ---- attention (cpu/attention.h) ----------------------------------------------------------
+  // Causal attention with H query heads and KVH key/value heads of hs columns each
+  // (grouped-query attention: query head h reads kv head h / (H / KVH); KVH == H is
+  // GPT-2's multi-head attention). qkv [B, T, (H + 2 KVH) hs]: row (b, t) is
+  // [q (H hs) | k (KVH hs) | v (KVH hs)]; out [B, T, H hs]; scores scaled by 1/sqrt(hs).
   // What a retained forward saves per (B, T, H) for the backward pass, in floats: the CPU
   // keeps the probabilities (B*H*T*T); CUDA's fused kernel keeps each query row's
   // log-sum-exp of scores (B*H*T) and recomputes the probabilities in backward.
   int64_t (*attention_saved_floats)(int64_t B, int64_t T, int64_t H);
-  // out [B, T, C] from qkv [B, T, 3C]; saved: nullptr (no backward follows) or
-  // attention_saved_floats(B, T, H) floats. Padded rows (t >= lengths[b]) of out are 0.
-  void (*attention_forward)(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                            const float* qkv, float* saved, float* out);
-  // grad_qkv [B, T, 3C] += d(sum grad_out * out)/d qkv, given the forward's qkv, out and
-  // saved. Padded rows of grad_qkv are left untouched.
-  void (*attention_backward)(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                             const float* grad_out, const float* qkv, const float* out,
-                             const float* saved, float* grad_qkv);
-  void (*kv_cache_store)(int64_t B, int64_t T, int64_t C, const int32_t* lengths, const float* qkv,
-                         int64_t cache_T, float* k_cache, float* v_cache);
-  void (*attention_decode)(int64_t B, int64_t C, int64_t H, const int32_t* positions,
+  // saved: nullptr (no backward follows) or attention_saved_floats(B, T, H) floats.
+  // Padded rows (t >= lengths[b]) of out are 0.
+  void (*attention_forward)(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                            const int32_t* lengths, const float* qkv, float* saved, float* out);
+  // grad_qkv [B, T, (H + 2 KVH) hs] += d(sum grad_out * out)/d qkv, given the forward's
+  // qkv, out and saved. Padded rows of grad_qkv are left untouched.
+  void (*attention_backward)(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                             const int32_t* lengths, const float* grad_out, const float* qkv,
+                             const float* out, const float* saved, float* grad_qkv);
+  // The KV cache of one layer: k_cache, v_cache [B, cache_T, KVH hs].
+  void (*kv_cache_store)(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                         const int32_t* lengths, const float* qkv, int64_t cache_T, float* k_cache,
+                         float* v_cache);
+  // One decoding step: qkv [B, (H + 2 KVH) hs], out [B, H hs].
+  void (*attention_decode)(int64_t B, int64_t H, int64_t KVH, int64_t hs, const int32_t* positions,
                            const float* qkv, int64_t cache_T, float* k_cache, float* v_cache,
                            float* out);
 

@@ -1,9 +1,11 @@
-// Causal multi-head self-attention on the CPU: forward, backward and the KV-cache decode
-// step (see attention.h for the contracts). llm.c's math, arranged so that every hot loop
-// streams contiguous 16-float slices into independent vector accumulators:
+// Causal self-attention on the CPU (multi-head, and grouped-query: H query heads sharing
+// KVH kv heads): forward, backward and the KV-cache decode step (see attention.h for the
+// contracts). llm.c's math, arranged so that every hot loop streams contiguous 16-float
+// slices into independent vector accumulators:
 //
-//   scores   Each (b, h) gathers its keys transposed, KT [hs, ld] (KT[i, s] = k_s[i],
-//            zero past the valid keys, ld a multiple of 16). The scores of a row are then
+//   scores   Each (b, h) gathers its kv head's keys transposed, KT [hs, ld] (KT[i, s] =
+//            k_s[i], zero past the valid keys, ld a multiple of 16; consecutive heads of
+//            one group on a thread gather once). The scores of a row are then
 //            acc[s] += q[i] * KT[i, s] over i, 16 keys per vector: no horizontal sums, and
 //            each score is one chain over i in ascending order.
 //   softmax  scaled, max-subtracted, fast_exp; the max and the sum in kLanes lanes over
@@ -21,13 +23,17 @@
 // Memory: the forward uses O(T * hs) scratch per thread (KT and 4 rows of scores), never
 // T * T; the backward adds a [T, T] d_preatt per thread.
 //
-// Determinism: work is split over (b, h) only; each (b, h) owns the columns h*hs..(h+1)*hs
-// of every row of out / grad_qkv (and of the cache in decode) and the att rows of its
-// head, so no two threads touch one element, and every sum runs in an order that depends
-// on nothing but the shapes (the grouping of rows and columns into tiles never changes an
-// element's chain of operations). The decode step runs the same kernels as the forward on
-// the same (gathered) operands, so a decode output has the same bits as the forward's
-// output at that position.
+// Determinism: the forward and decode split the work over (b, h) only; each (b, h) owns
+// the columns h*hs..(h+1)*hs of every row of out and the att rows of its head (decode
+// writes the new cache rows before the split). The backward splits over (b, g), g a kv
+// head: the item runs the query heads of g's group in ascending order, each adding its
+// d_q to its own columns and its terms of d_k / d_v to g's columns, which no other item
+// touches. So no two threads touch one element, and every sum runs in an order that
+// depends on nothing but the shapes (the grouping of rows and columns into tiles never
+// changes an element's chain of operations). With KVH == H the groups are single heads
+// and every operation is the former multi-head kernels'. The decode step runs the same
+// kernels as the forward on the same (gathered) operands, so a decode output has the
+// same bits as the forward's output at that position.
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -306,11 +312,15 @@ PPO_ATTN_INLINE void gather_transposed(int64_t n, int64_t hs, const float* __res
 
 // ---- one (b, h) of each op -------------------------------------------------------------
 
-// One (b, h): its valid length, and q of row t at q + t * C3 (k at + C, v at + 2C).
+// One (b, h): its valid length, and the q of row t at q + t * ld, the k and v of its kv
+// head (g = h / (H / KVH)) at k + t * ld and v + t * ld (ld = (H + 2 KVH) hs, the qkv row);
+// od = H hs is the row stride of out and grad_out.
 struct Head {
-  int64_t len, T, hs, C, C3;
+  int64_t len, T, hs, ld, od;
   float scale;
   const float* q;
+  const float* k;
+  const float* v;
 };
 
 // R query rows t0..t0+R-1 of the forward: p_r [round_up(T, kW)] gets row t0 + r's
@@ -323,28 +333,30 @@ PPO_ATTN_INLINE void forward_rows(const Head& hd, int64_t t0, const float* kt, i
   const float* pw[R];
   for (int r = 0; r < R; ++r) {
     lo[r] = 0, hi_k[r] = hd.hs, hi_v[r] = t0 + r + 1;
-    x[r] = hd.q + (t0 + r) * hd.C3;
+    x[r] = hd.q + (t0 + r) * hd.ld;
     pw[r] = p[r];
   }
   // Scores of keys 0..t0+R-1 (later keys of the earlier rows are computed and ignored).
   rows_sum<V, CH, R>(lo, hi_k, x, 1, kt, ld, round_up(t0 + R, kW), nullptr, p);
   for (int r = 0; r < R; ++r) softmax_row(t0 + r + 1, hd.scale, p[r]);
-  rows_sum<V, CH, R>(lo, hi_v, pw, 1, hd.q + 2 * hd.C, hd.C3, hd.hs, nullptr, out);
+  rows_sum<V, CH, R>(lo, hi_v, pw, 1, hd.v, hd.ld, hd.hs, nullptr, out);
 }
 
 // Forward of one head: out rows t < len (this head's columns) and, when att_bh, att rows
-// t < len. Scratch: kt [hs, round_up(T, kW)], p kRows rows of round_up(T, kW).
+// t < len. Scratch: kt [hs, round_up(T, kW)], p kRows rows of round_up(T, kW). gather:
+// false when kt already holds this head's keys (the previous head of the same kv head
+// and sequence gathered them).
 template <class V, int CH>
-PPO_ATTN_INLINE void forward_head(const Head& hd, float* kt, float* p, float* out_bh,
-                                  float* att_bh) {
+PPO_ATTN_INLINE void forward_head(const Head& hd, bool gather, float* kt, float* p,
+                                  float* out_bh, float* att_bh) {
   const int64_t len = hd.len, T = hd.T, p_ld = round_up(T, kW), ld = round_up(len, kW);
-  gather_transposed(len, hd.hs, hd.q + hd.C, hd.C3, ld, kt);
+  if (gather) gather_transposed(len, hd.hs, hd.k, hd.ld, ld, kt);
   float* pr[kRows];
   float* o[kRows];
   for (int r = 0; r < kRows; ++r) pr[r] = p + r * p_ld;
   for (int64_t t0 = 0; t0 < len;) {
     const int rows = len - t0 >= kRows ? kRows : 1;
-    for (int r = 0; r < rows; ++r) o[r] = out_bh + (t0 + r) * hd.C;
+    for (int r = 0; r < rows; ++r) o[r] = out_bh + (t0 + r) * hd.od;
     if (rows == kRows)
       forward_rows<V, CH, kRows>(hd, t0, kt, ld, pr, o);
     else
@@ -366,7 +378,7 @@ template <class V, int CH, int R>
 PPO_ATTN_INLINE void backward_rows(const Head& hd, int64_t t0, const float* go,
                                    const float* att_bh, const float* vt, int64_t ld,
                                    float* const* da, float* dpre, float* gq) {
-  const int64_t T = hd.T, C = hd.C, C3 = hd.C3;
+  const int64_t T = hd.T;
   int64_t lo[R], hi_i[R], hi_s[R];
   const float* x[R];
   const float* dp[R];
@@ -374,22 +386,24 @@ PPO_ATTN_INLINE void backward_rows(const Head& hd, int64_t t0, const float* go,
   for (int r = 0; r < R; ++r) {
     const int64_t t = t0 + r;
     lo[r] = 0, hi_i[r] = hd.hs, hi_s[r] = t + 1;
-    x[r] = go + t * C;
+    x[r] = go + t * hd.od;
     dp[r] = dpre + t * T;
-    g[r] = gq + t * C3;
+    g[r] = gq + t * hd.ld;
   }
   rows_sum<V, CH, R>(lo, hi_i, x, 1, vt, ld, round_up(t0 + R, kW), nullptr, da);  // dout_t . v_s
   for (int r = 0; r < R; ++r)
     softmax_backward_row(t0 + r + 1, att_bh + (t0 + r) * T, da[r], dpre + (t0 + r) * T);
-  rows_sum<V, CH, R>(lo, hi_s, dp, 1, hd.q + C, C3, hd.hs, &hd.scale, g);  // d_q_t
+  rows_sum<V, CH, R>(lo, hi_s, dp, 1, hd.k, hd.ld, hd.hs, &hd.scale, g);  // d_q_t
 }
 
-// Backward columns (keys) s0..s0+R-1: d_v_s and d_k_s, sums over the query rows t in
-// [s, len) of a column of att / d_preatt.
+// Backward columns (keys) s0..s0+R-1: this query head's terms of d_v_s and d_k_s (added
+// to the kv head's rows at gk, gv: row 0 of its k and v parts in grad_qkv), sums over the
+// query rows t in [s, len) of a column of att / d_preatt.
 template <class V, int CH, int R>
 PPO_ATTN_INLINE void backward_cols(const Head& hd, int64_t s0, const float* go,
-                                   const float* att_bh, const float* dpre, float* gq) {
-  const int64_t T = hd.T, C = hd.C, C3 = hd.C3;
+                                   const float* att_bh, const float* dpre, float* gk_bh,
+                                   float* gv_bh) {
+  const int64_t T = hd.T;
   int64_t lo[R], hi[R];
   const float* pa[R];
   const float* dpa[R];
@@ -400,21 +414,24 @@ PPO_ATTN_INLINE void backward_cols(const Head& hd, int64_t s0, const float* go,
     lo[r] = s, hi[r] = hd.len;  // query rows t in [s, len)
     pa[r] = att_bh + s;         // att[t, s] at pa[r][t * T]
     dpa[r] = dpre + s;
-    gk[r] = gq + C + s * C3;
-    gv[r] = gq + 2 * C + s * C3;
+    gk[r] = gk_bh + s * hd.ld;
+    gv[r] = gv_bh + s * hd.ld;
   }
   const float one = 1.0f;
-  rows_sum<V, CH, R>(lo, hi, pa, T, go, C, hd.hs, &one, gv);            // sum_t att dout_t
-  rows_sum<V, CH, R>(lo, hi, dpa, T, hd.q, C3, hd.hs, &hd.scale, gk);  // sum_t dpre q_t
+  rows_sum<V, CH, R>(lo, hi, pa, T, go, hd.od, hd.hs, &one, gv);           // sum_t att dout_t
+  rows_sum<V, CH, R>(lo, hi, dpa, T, hd.q, hd.ld, hd.hs, &hd.scale, gk);  // sum_t dpre q_t
 }
 
-// Backward of one head (len >= 1), accumulating into grad_qkv (gq: this head's q part of
-// row 0). Scratch: vt [hs, round_up(T, kW)], da kRows rows of round_up(T, kW), dpre [T, T].
+// Backward of one query head (len >= 1), accumulating into grad_qkv: gq, gk, gv are row 0
+// of this head's q part and of its kv head's k and v parts. Scratch: vt [hs, round_up(T,
+// kW)], da kRows rows of round_up(T, kW), dpre [T, T]. gather: false when vt already holds
+// the kv head's values (gathered for an earlier query head of its group).
 template <class V, int CH>
-PPO_ATTN_INLINE void backward_head(const Head& hd, const float* go, const float* att_bh,
-                                   float* gq, float* vt, float* da, float* dpre) {
+PPO_ATTN_INLINE void backward_head(const Head& hd, bool gather, const float* go,
+                                   const float* att_bh, float* gq, float* gk, float* gv,
+                                   float* vt, float* da, float* dpre) {
   const int64_t len = hd.len, ld = round_up(len, kW), da_ld = round_up(hd.T, kW);
-  gather_transposed(len, hd.hs, hd.q + 2 * hd.C, hd.C3, ld, vt);
+  if (gather) gather_transposed(len, hd.hs, hd.v, hd.ld, ld, vt);
   float* dar[kRows];
   for (int r = 0; r < kRows; ++r) dar[r] = da + r * da_ld;
   // Rows first (d_preatt of every row is needed by the column sums), then columns.
@@ -429,24 +446,25 @@ PPO_ATTN_INLINE void backward_head(const Head& hd, const float* go, const float*
   }
   for (int64_t s0 = 0; s0 < len;) {
     if (len - s0 >= kRows) {
-      backward_cols<V, CH, kRows>(hd, s0, go, att_bh, dpre, gq);
+      backward_cols<V, CH, kRows>(hd, s0, go, att_bh, dpre, gk, gv);
       s0 += kRows;
     } else {
-      backward_cols<V, CH, 1>(hd, s0, go, att_bh, dpre, gq);
+      backward_cols<V, CH, 1>(hd, s0, go, att_bh, dpre, gk, gv);
       s0 += 1;
     }
   }
 }
 
-// One decode query (q) of one head over cache rows 0..n-1 (k rows at kc + s * C, v rows
-// at vc + s * C): the forward's one-row path on the same gathered operands, hence the
-// same bits as the forward's row n - 1. Scratch: kt [hs, round_up(n, kW)], p the same.
+// One decode query (q) of one head over cache rows 0..n-1 (k rows at kc + s * cl, v rows
+// at vc + s * cl, cl = KVH hs): the forward's one-row path on the same gathered operands,
+// hence the same bits as the forward's row n - 1. Scratch: kt [hs, round_up(n, kW)], p
+// the same. gather: false when kt already holds these keys (same sequence and kv head).
 template <class V, int CH>
-PPO_ATTN_INLINE void decode_head(int64_t n, int64_t hs, float scale, int64_t C, const float* q,
-                                 const float* kc, const float* vc, float* kt, float* p,
-                                 float* out) {
+PPO_ATTN_INLINE void decode_head(int64_t n, int64_t hs, float scale, int64_t cl, bool gather,
+                                 const float* q, const float* kc, const float* vc, float* kt,
+                                 float* p, float* out) {
   const int64_t ld = round_up(n, kW);
-  gather_transposed(n, hs, kc, C, ld, kt);
+  if (gather) gather_transposed(n, hs, kc, cl, ld, kt);
   const int64_t lo[1] = {0}, hi_k[1] = {hs}, hi_v[1] = {n};
   const float* x[1] = {q};
   const float* pw[1] = {p};
@@ -454,7 +472,7 @@ PPO_ATTN_INLINE void decode_head(int64_t n, int64_t hs, float scale, int64_t C, 
   float* o[1] = {out};
   rows_sum<V, CH, 1>(lo, hi_k, x, 1, kt, ld, ld, nullptr, pr);
   softmax_row(n, scale, p);
-  rows_sum<V, CH, 1>(lo, hi_v, pw, 1, vc, C, hs, nullptr, o);
+  rows_sum<V, CH, 1>(lo, hi_v, pw, 1, vc, cl, hs, nullptr, o);
 }
 
 // ---- instruction sets ------------------------------------------------------------------
@@ -508,27 +526,39 @@ Isa isa() {
 #endif
 
 PPO_ATTN_VERSIONS(forward_head,
-                  (const Head& hd, float* kt, float* p, float* out_bh, float* att_bh),
-                  (hd, kt, p, out_bh, att_bh))
+                  (const Head& hd, bool gather, float* kt, float* p, float* out_bh,
+                   float* att_bh),
+                  (hd, gather, kt, p, out_bh, att_bh))
 PPO_ATTN_VERSIONS(backward_head,
-                  (const Head& hd, const float* go, const float* att_bh, float* gq, float* vt,
-                   float* da, float* dpre),
-                  (hd, go, att_bh, gq, vt, da, dpre))
+                  (const Head& hd, bool gather, const float* go, const float* att_bh, float* gq,
+                   float* gk, float* gv, float* vt, float* da, float* dpre),
+                  (hd, gather, go, att_bh, gq, gk, gv, vt, da, dpre))
 PPO_ATTN_VERSIONS(decode_head,
-                  (int64_t n, int64_t hs, float scale, int64_t C, const float* q,
+                  (int64_t n, int64_t hs, float scale, int64_t cl, bool gather, const float* q,
                    const float* kc, const float* vc, float* kt, float* p, float* out),
-                  (n, hs, scale, C, q, kc, vc, kt, p, out))
+                  (n, hs, scale, cl, gather, q, kc, vc, kt, p, out))
 
 // ---- validation and scratch -------------------------------------------------------------
 
 
-// The multi-head layout: H >= 1, C >= 1, C % H == 0.
-void require_heads(int64_t C, int64_t H) {
-  require(H >= 1, ErrorCode::InvalidArgument, "H must be >= 1, got " + std::to_string(H), "H");
-  require(C >= 1, ErrorCode::InvalidArgument, "C must be >= 1, got " + std::to_string(C), "C");
-  require(C % H == 0, ErrorCode::InvalidArgument,
-          "C (" + std::to_string(C) + ") must be a multiple of H (" + std::to_string(H) + ")",
-          "C");
+// The head layout: heads (H), kv_heads (KVH) and head_size (hs) >= 0, and >= 1 when the
+// call has work (B * T > 0); H a multiple of KVH.
+void require_heads(int64_t H, int64_t KVH, int64_t hs, bool has_work) {
+  require_size(H, "heads");
+  require_size(KVH, "kv_heads");
+  require_size(hs, "head_size");
+  if (has_work) {
+    require(H >= 1, ErrorCode::InvalidArgument, "heads must be >= 1, got " + std::to_string(H),
+            "heads");
+    require(KVH >= 1, ErrorCode::InvalidArgument,
+            "kv_heads must be >= 1, got " + std::to_string(KVH), "kv_heads");
+    require(hs >= 1, ErrorCode::InvalidArgument,
+            "head_size must be >= 1, got " + std::to_string(hs), "head_size");
+  }
+  require(KVH == 0 || H % KVH == 0, ErrorCode::InvalidArgument,
+          "heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" +
+              std::to_string(KVH) + ")",
+          "kv_heads");
 }
 
 // lengths[b] in [0, T] for every b (nullptr: all T).
@@ -563,17 +593,17 @@ std::unique_ptr<float[]> scratch(int64_t count, const char* what) {
 
 // ---- forward ---------------------------------------------------------------------------
 
-void attention_forward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                       const float* qkv, float* att, float* out) {
+void attention_forward(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                       const int32_t* lengths, const float* qkv, float* att, float* out) {
   require_size(B, "B");
   require_size(T, "T");
-  require_heads(C, H);
+  require_heads(H, KVH, hs, B * T > 0);
   if (B == 0 || T == 0) return;
   require_data(qkv, "qkv");
   require_data(out, "out");
   require_lengths(B, T, lengths);
 
-  const int64_t hs = C / H, C3 = 3 * C, ld_max = round_up(T, kW);
+  const int64_t G = H / KVH, ld = (H + 2 * KVH) * hs, od = H * hs, ld_max = round_up(T, kW);
   const float scale = head_scale(hs);
   parallel_for(
       B * H,
@@ -582,15 +612,19 @@ void attention_forward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t
         std::unique_ptr<float[]> buf = scratch((hs + kRows) * ld_max, "attention_forward");
         float* kt = buf.get();
         float* p = kt + hs * ld_max;
+        int64_t in_kt = -1;  // the (b, kv head) whose keys kt holds
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t b = item / H, h = item % H;
-          const Head hd{length_of(lengths, b, T), T, hs, C, C3, scale,
-                        qkv + b * T * C3 + h * hs};
-          float* out_bh = out + b * T * C + h * hs;
+          const int64_t b = item / H, h = item % H, g = h / G;
+          const float* row0 = qkv + b * T * ld;
+          const Head hd{length_of(lengths, b, T), T, hs, ld, od, scale, row0 + h * hs,
+                        row0 + (H + g) * hs, row0 + (H + KVH + g) * hs};
+          float* out_bh = out + b * T * od + h * hs;
           float* att_bh = att ? att + item * T * T : nullptr;
-          forward_head_dispatch(hd, kt, p, out_bh, att_bh);
+          const int64_t kv_item = b * KVH + g;
+          forward_head_dispatch(hd, kv_item != in_kt, kt, p, out_bh, att_bh);
+          in_kt = kv_item;
           for (int64_t t = hd.len; t < T; ++t) {  // padding rows: written as 0
-            std::memset(out_bh + t * C, 0, hs * sizeof(float));
+            std::memset(out_bh + t * od, 0, hs * sizeof(float));
             if (att_bh) std::memset(att_bh + t * T, 0, T * sizeof(float));
           }
         }
@@ -600,12 +634,12 @@ void attention_forward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t
 
 // ---- backward --------------------------------------------------------------------------
 
-void attention_backward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                        const float* grad_out, const float* qkv, const float* att,
-                        float* grad_qkv) {
+void attention_backward(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                        const int32_t* lengths, const float* grad_out, const float* qkv,
+                        const float* att, float* grad_qkv) {
   require_size(B, "B");
   require_size(T, "T");
-  require_heads(C, H);
+  require_heads(H, KVH, hs, B * T > 0);
   if (B == 0 || T == 0) return;
   require_data(grad_out, "grad_out");
   require_data(qkv, "qkv");
@@ -613,10 +647,12 @@ void attention_backward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_
   require_data(grad_qkv, "grad_qkv");
   require_lengths(B, T, lengths);
 
-  const int64_t hs = C / H, C3 = 3 * C, ld_max = round_up(T, kW);
+  const int64_t G = H / KVH, ld = (H + 2 * KVH) * hs, od = H * hs, ld_max = round_up(T, kW);
   const float scale = head_scale(hs);
+  // Work items are (b, kv head): the group's query heads, in ascending order, add their
+  // terms to the kv head's d_k and d_v rows, which no other item writes.
   parallel_for(
-      B * H,
+      B * KVH,
       [&](int64_t begin, int64_t end) {
         // Per chunk: VT [hs, ld_max], kRows rows of d_att, d_preatt [T, T].
         std::unique_ptr<float[]> buf =
@@ -625,52 +661,61 @@ void attention_backward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_
         float* da = vt + hs * ld_max;
         float* dpre = da + kRows * ld_max;
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t b = item / H, h = item % H;
-          const Head hd{length_of(lengths, b, T), T, hs, C, C3, scale,
-                        qkv + b * T * C3 + h * hs};
-          if (hd.len == 0) continue;
-          backward_head_dispatch(hd, grad_out + b * T * C + h * hs, att + item * T * T,
-                                 grad_qkv + b * T * C3 + h * hs, vt, da, dpre);
+          const int64_t b = item / KVH, g = item % KVH, len = length_of(lengths, b, T);
+          if (len == 0) continue;
+          const float* row0 = qkv + b * T * ld;
+          float* grow0 = grad_qkv + b * T * ld;
+          for (int64_t j = 0; j < G; ++j) {
+            const int64_t h = g * G + j;
+            const Head hd{len, T, hs, ld, od, scale, row0 + h * hs, row0 + (H + g) * hs,
+                          row0 + (H + KVH + g) * hs};
+            backward_head_dispatch(hd, j == 0, grad_out + b * T * od + h * hs,
+                                   att + (b * H + h) * T * T, grow0 + h * hs,
+                                   grow0 + (H + g) * hs, grow0 + (H + KVH + g) * hs, vt, da,
+                                   dpre);
+          }
         }
       },
-      grain_for(4 * T * T * hs + 1));
+      grain_for(4 * T * T * hs * G + 1));
 }
 
 // ---- the KV cache ----------------------------------------------------------------------
 
-void kv_cache_store(int64_t B, int64_t T, int64_t C, const int32_t* lengths, const float* qkv,
-                    int64_t cache_T, float* k_cache, float* v_cache) {
+void kv_cache_store(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                    const int32_t* lengths, const float* qkv, int64_t cache_T, float* k_cache,
+                    float* v_cache) {
   require_size(B, "B");
   require_size(T, "T");
-  require_size(C, "C");
+  require_heads(H, KVH, hs, B * T > 0);
   require(cache_T >= T, ErrorCode::InvalidArgument,
           "cache_T (" + std::to_string(cache_T) + ") must be >= T (" + std::to_string(T) + ")",
           "cache_T");
-  if (B == 0 || T == 0 || C == 0) return;
+  if (B == 0 || T == 0) return;
   require_data(qkv, "qkv");
   require_data(k_cache, "k_cache");
   require_data(v_cache, "v_cache");
   require_lengths(B, T, lengths);
-  const int64_t C3 = 3 * C;
+  const int64_t ld = (H + 2 * KVH) * hs, cl = KVH * hs;  // qkv row, cache row
   parallel_for(
       B * T,
       [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t b = r / T, t = r % T;
           if (t >= length_of(lengths, b, T)) continue;
-          const float* row = qkv + r * C3;
-          std::memcpy(k_cache + (b * cache_T + t) * C, row + C, C * sizeof(float));
-          std::memcpy(v_cache + (b * cache_T + t) * C, row + 2 * C, C * sizeof(float));
+          const float* row = qkv + r * ld;
+          std::memcpy(k_cache + (b * cache_T + t) * cl, row + H * hs, cl * sizeof(float));
+          std::memcpy(v_cache + (b * cache_T + t) * cl, row + (H + KVH) * hs,
+                      cl * sizeof(float));
         }
       },
-      grain_for(2 * C));
+      grain_for(2 * cl));
 }
 
-void attention_decode(int64_t B, int64_t C, int64_t H, const int32_t* positions,
+void attention_decode(int64_t B, int64_t H, int64_t KVH, int64_t hs, const int32_t* positions,
                       const float* qkv, int64_t cache_T, float* k_cache, float* v_cache,
                       float* out) {
   require_size(B, "B");
-  require_heads(C, H);
+  require_heads(H, KVH, hs, B > 0);
   require_size(cache_T, "cache_T");
   if (B == 0) return;
   require_data(positions, "positions");
@@ -689,28 +734,39 @@ void attention_decode(int64_t B, int64_t C, int64_t H, const int32_t* positions,
     require_data(v_cache, "v_cache");
   }
 
-  const int64_t hs = C / H, C3 = 3 * C, ld_max = round_up(max_pos + 1, kW);
+  const int64_t G = H / KVH, ld = (H + 2 * KVH) * hs, od = H * hs, cl = KVH * hs;
+  const int64_t ld_max = round_up(max_pos + 1, kW);
   const float scale = head_scale(hs);
+  // The new k and v rows first (a kv head's row is read by all the query heads of its
+  // group, which may run on other threads), then the (b, h) items.
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t pos = positions[b];
+    if (pos < 0) continue;  // finished sequence: cache untouched
+    const float* row = qkv + b * ld;
+    std::memcpy(k_cache + (b * cache_T + pos) * cl, row + H * hs, cl * sizeof(float));
+    std::memcpy(v_cache + (b * cache_T + pos) * cl, row + (H + KVH) * hs, cl * sizeof(float));
+  }
   parallel_for(
       B * H,
       [&](int64_t begin, int64_t end) {
         std::unique_ptr<float[]> buf = scratch((hs + 1) * ld_max, "attention_decode");
         float* kt = buf.get();
         float* p = kt + hs * ld_max;
+        int64_t in_kt = -1;  // the (b, kv head) whose keys kt holds
         for (int64_t item = begin; item < end; ++item) {
-          const int64_t b = item / H, h = item % H;
+          const int64_t b = item / H, h = item % H, g = h / G;
           const int64_t pos = positions[b];
-          float* o = out + b * C + h * hs;
-          if (pos < 0) {  // finished sequence: out row 0, cache untouched
+          float* o = out + b * od + h * hs;
+          if (pos < 0) {  // finished sequence: out row 0
             std::memset(o, 0, hs * sizeof(float));
             continue;
           }
-          const float* row = qkv + b * C3 + h * hs;
-          float* kc = k_cache + b * cache_T * C + h * hs;  // rows at stride C
-          float* vc = v_cache + b * cache_T * C + h * hs;
-          std::memcpy(kc + pos * C, row + C, hs * sizeof(float));
-          std::memcpy(vc + pos * C, row + 2 * C, hs * sizeof(float));
-          decode_head_dispatch(pos + 1, hs, scale, C, row, kc, vc, kt, p, o);
+          const float* kc = k_cache + b * cache_T * cl + g * hs;  // rows at stride cl
+          const float* vc = v_cache + b * cache_T * cl + g * hs;
+          const int64_t kv_item = b * KVH + g;
+          decode_head_dispatch(pos + 1, hs, scale, cl, kv_item != in_kt, qkv + b * ld + h * hs,
+                               kc, vc, kt, p, o);
+          in_kt = kv_item;
         }
       },
       grain_for(4 * (max_pos + 1) * hs + 1));

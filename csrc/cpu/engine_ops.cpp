@@ -10,6 +10,7 @@
 #include "cpu/attention.h"
 #include "cpu/kernels.h"
 #include "cpu/layers.h"
+#include "cpu/llama_layers.h"
 #include "cpu/matmul.h"
 #include "cpu/optimizer.h"
 #include "model/sampling.h"
@@ -25,10 +26,10 @@ void host_synchronize() {}
 // The CPU keeps the attention probabilities [B, H, T, T] for backward.
 int64_t attention_saved_floats(int64_t B, int64_t T, int64_t H) { return B * H * T * T; }
 
-void attention_backward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                        const float* grad_out, const float* qkv, const float* /*out*/,
-                        const float* saved, float* grad_qkv) {
-  cpu::attention_backward(B, T, C, H, lengths, grad_out, qkv, saved, grad_qkv);
+void attention_backward(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                        const int32_t* lengths, const float* grad_out, const float* qkv,
+                        const float* /*out*/, const float* saved, float* grad_qkv) {
+  cpu::attention_backward(B, T, H, KVH, hs, lengths, grad_out, qkv, saved, grad_qkv);
 }
 
 void gather_rows(int64_t rows, int64_t channels, const int64_t* index, const float* src, float* dst) {
@@ -131,6 +132,12 @@ const EngineOps& cpu_engine_ops() {
     t.accumulate = cpu::accumulate;
     t.embedding_forward = cpu::embedding_forward;
     t.embedding_backward = cpu::embedding_backward;
+    t.rmsnorm_forward = cpu::rmsnorm_forward;
+    t.rmsnorm_backward = cpu::rmsnorm_backward;
+    t.rope_forward = cpu::rope_forward;
+    t.rope_backward = cpu::rope_backward;
+    t.swiglu_forward = cpu::swiglu_forward;
+    t.swiglu_backward = cpu::swiglu_backward;
     t.attention_saved_floats = attention_saved_floats;
     t.attention_forward = cpu::attention_forward;
     t.attention_backward = attention_backward;

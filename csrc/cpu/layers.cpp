@@ -311,6 +311,10 @@ void embedding_forward_rows(int64_t begin, int64_t end, int64_t C,
       continue;
     }
     const float* te = wte + static_cast<int64_t>(tokens[r]) * C;
+    if (wpe == nullptr) {  // no learned positions (Llama: rotary positions come later)
+      for (int64_t c = 0; c < C; ++c) y[c] = te[c];
+      continue;
+    }
     const float* pe = wpe + static_cast<int64_t>(pos) * C;
     for (int64_t c = 0; c < C; ++c) y[c] = te[c] + pe[c];
   }
@@ -394,7 +398,7 @@ void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
   require_data(tokens, "tokens");
   require_data(positions, "positions");
   require_data(wte, "wte");
-  require_data(wpe, "wpe");
+  
   require_data(out, "out");
   parallel_for(
       rows,

@@ -55,7 +55,8 @@ namespace ppo::cpu {
 // ---- token and position embeddings ------------------------------------------------------
 // out[r, :] = wte[tokens[r], :] + wpe[positions[r], :] for rows with positions[r] >= 0;
 // rows with positions[r] < 0 are padding and written as 0 (tokens[r] is not read).
-// wte [vocab, C], wpe [n_positions, C]; the caller has validated ids and positions.
+// wte [vocab, C], wpe [n_positions, C] or nullptr (no learned positions: out = wte rows);
+// the caller has validated ids and positions.
 void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
                        const int32_t* positions, const float* wte, const float* wpe,
                        float* out);

@@ -1,17 +1,20 @@
-// Causal multi-head self-attention on the GPU: a fused forward (flash-attention style, no
-// T x T matrix in memory), its backward (FlashAttention-2 style, recomputing the
-// probabilities), and the KV-cache path of generation. The math and the contracts are
-// cpu/attention.h's (see core/engine_ops.h for what `saved` holds here).
+// Causal self-attention on the GPU with grouped-query heads: a fused forward
+// (flash-attention style, no T x T matrix in memory), its backward (FlashAttention-2
+// style, recomputing the probabilities), and the KV-cache path of generation. The math
+// and the contracts are core/engine_ops.h's attention section (and cpu/attention.h's).
 //
-// Layout: qkv [B, T, 3C] row-major, row (b, t) = [q (C) | k (C) | v (C)]; head h owns
-// columns [h*hs, (h+1)*hs) of each third, hs = C / H; scores are scaled by 1/sqrt(hs);
-// query t attends to keys s <= t. lengths [B] (device, nullptr = all T) marks rows
-// t >= lengths[b] as padding. Lengths live on the device, so they cannot be checked on
-// the host: every kernel clamps them to [0, T].
+// Layout: H query heads and KVH key/value heads of hs columns each (H % KVH == 0; the G =
+// H / KVH query heads h = g*G .. g*G+G-1 share kv head g = h / G; KVH == H is GPT-2's
+// multi-head attention). qkv [B, T, W] row-major with W = (H + 2 KVH) hs, row (b, t) =
+// [q (H hs) | k (KVH hs) | v (KVH hs)]: query head h owns columns h*hs .. of the q part,
+// kv head g columns g*hs .. of the k and of the v part. out [B, T, H hs]. Scores are
+// scaled by 1/sqrt(hs); query t attends to keys s <= t. lengths [B] (device, nullptr =
+// all T) marks rows t >= lengths[b] as padding. Lengths live on the device, so they
+// cannot be checked on the host: every kernel clamps them to [0, T].
 //
 // ---- forward (tiled path, hs <= 128) ------------------------------------------------------
 // One block of 128 threads per (b, h, tile of 64 query rows). The block keeps its query
-// tile in shared memory and streams the keys and values of its head in tiles of kTileY
+// tile in shared memory and streams the keys and values of its kv head h / G in tiles of kTileY
 // rows (64, or 32 for head sizes above 64 to bound shared memory and registers), only
 // up to the last key its last valid row reads. Per key tile:
 //   S = Q K^T * scale        [64, kTileY]   registers, a 4 x (kTileY/8) block per thread
@@ -44,26 +47,33 @@
 //   Dsum[t] = sum_i dO[t, i] O[t, i]          (attention_dsum_kernel, into a scratch [B,H,T])
 //   dP = dO V^T,  dS = P * (dP - Dsum),  dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K.
 // Two kernels, each owning its outputs (no atomics):
-//   kv kernel: one block per (b, h, tile of 64 keys) loops over the query tiles from its
-//              first key on, accumulating dK and dV of its keys in registers;
-//   q kernel:  one block per (b, h, tile of 64 queries) loops over the key tiles up to its
-//              last valid row, accumulating dQ in registers.
-// Both add their results into grad_qkv (k and v thirds; q third) for valid rows only.
+//   kv kernel: one block per (b, kv head g, tile of 64 keys) loops over the G query heads
+//              of its group in order (h = g*G .. g*G+G-1) and, for each, over the query
+//              tiles from its first key on, accumulating dK and dV of its keys (summed
+//              over the group's heads) in registers;
+//   q kernel:  one block per (b, h, tile of 64 queries) loops over the key tiles of kv
+//              head h / G up to its last valid row, accumulating dQ in registers.
+// Both add their results into grad_qkv (k and v parts; q part) for valid rows only, each
+// element once.
 //
 // ---- generic path (hs > 128) and decode ------------------------------------------------------
-// One block per query row (forward, and the dQ part of the backward) or per key row (dK,
-// dV): the block's threads take one key (or query) each in chunks of 128, the dot products
-// run serially over hs, and the weighted sums over the chunk run with one thread per head
-// dim, the row vectors and accumulators in shared memory (any hs). The decode step is the
-// same row routine over the cache rows 0..p.
+// One block per (b, h, query row) (forward, and the dQ part of the backward) or per
+// (b, kv head g, key row) (dK, dV, over the group's query heads in order): the block's
+// threads take one key (or query) each in chunks of 128, the dot products run serially
+// over hs, and the weighted sums over the chunk run with one thread per head dim, the row
+// vectors and accumulators in shared memory (any hs). The decode step is two kernels: the
+// first writes the k and v of each live sequence's new row p into the caches (one thread
+// per cache element, each written once), the second runs the same row routine per (b, h)
+// over the cache rows 0..p of kv head h / G.
 //
 // Determinism: every output element is written by exactly one thread (blocks own disjoint
-// (b, h, row-tile) slices; grad_qkv's q third is the q kernel's, the k and v thirds the kv
-// kernel's), every sum runs in an order fixed by the shapes (dot products over d
-// ascending, weighted sums over keys ascending, shuffle and shared-memory reductions in
-// fixed trees), and nothing uses atomics, so the results are bit-identical from run to
-// run. The decode kernel uses the row routine, so its output agrees with the tiled
-// forward's at row p within float rounding, not bit for bit.
+// (b, head, row-tile) slices; grad_qkv's q part is the q kernel's, the k and v parts the
+// kv kernel's, whose block of kv head g sums its G query heads in a fixed order), every
+// sum runs in an order fixed by the shapes (dot products over d ascending, weighted sums
+// over heads then keys ascending, shuffle and shared-memory reductions in fixed trees),
+// and nothing uses atomics, so the results are bit-identical from run to run. The decode
+// kernel uses the row routine, so its output agrees with the tiled forward's at row p
+// within float rounding, not bit for bit.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -127,6 +137,20 @@ __device__ __forceinline__ float* dynamic_smem() {
   extern __shared__ float4 attention_smem[];
   return reinterpret_cast<float*>(attention_smem);
 }
+
+// The head layout of one call (the host checks that the row width fits in int, so every
+// head count and column offset does). Offsets are in floats within a row.
+struct Heads {
+  int H, KVH, hs;  // query heads, key/value heads (H % KVH == 0), head size
+  __host__ __device__ int group() const { return H / KVH; }           // G
+  __host__ __device__ int kv_head(int h) const { return h / group(); }  // g of query head h
+  __host__ __device__ int64_t width() const { return int64_t{H + 2 * KVH} * hs; }  // qkv row
+  __host__ __device__ int64_t q_width() const { return int64_t{H} * hs; }          // out row
+  __host__ __device__ int64_t kv_width() const { return int64_t{KVH} * hs; }       // cache row
+  __host__ __device__ int64_t q_col(int h) const { return int64_t{h} * hs; }
+  __host__ __device__ int64_t k_col(int g) const { return int64_t{H + g} * hs; }
+  __host__ __device__ int64_t v_col(int g) const { return int64_t{H + KVH + g} * hs; }
+};
 
 // lengths[b] clamped to [0, T] (nullptr: T).
 __device__ __forceinline__ int valid_length(const int32_t* lengths, int b, int T) {
@@ -245,7 +269,7 @@ __device__ __forceinline__ float group_sum(float v) {
 // Grid: B * H * q_tiles blocks of kAttnThreads; the tiles with the most keys go first.
 template <int D>
 __global__ void __launch_bounds__(kAttnThreads)
-    attention_forward_kernel(int B, int T, int C, int H, const int32_t* lengths,
+    attention_forward_kernel(int B, int T, Heads hd, const int32_t* lengths,
                              const float* __restrict__ qkv, float* __restrict__ saved,
                              float* __restrict__ out, float scale, int q_tiles) {
   using Tl = Tiles<D>;
@@ -255,28 +279,31 @@ __global__ void __launch_bounds__(kAttnThreads)
   float* v_s = k_s + kTileY * kLd;      // [kTileY][kLd]  the current values
   float* p_s = v_s + kTileY * kLd;      // [kTileY][kLdW] probabilities, transposed
 
-  const int bh_count = B * H;
+  const int bh_count = B * hd.H;
   const int bh = static_cast<int>(blockIdx.x % bh_count);
   const int tile = q_tiles - 1 - static_cast<int>(blockIdx.x / bh_count);
-  const int b = bh / H, h = bh % H, hs = C / H;
+  const int b = bh / hd.H, h = bh % hd.H, g = hd.kv_head(h), hs = hd.hs;
   const int len = valid_length(lengths, b, T);
   const int t0 = tile * kTileX;
   const int tid = threadIdx.x, rg = tid / kGroupLanes, cg = tid % kGroupLanes;
-  const int64_t C3 = int64_t{3} * C;
-  const float* head = qkv + int64_t{b} * T * C3 + int64_t{h} * hs;  // q of row 0, head h
-  float* out_head = out + int64_t{b} * T * C + int64_t{h} * hs;
+  const int64_t W = hd.width(), Cq = hd.q_width();
+  const float* row0 = qkv + int64_t{b} * T * W;  // row (b, 0)
+  const float* q_head = row0 + hd.q_col(h);      // q of head h
+  const float* k_head = row0 + hd.k_col(g);      // k and v of its kv head
+  const float* v_head = row0 + hd.v_col(g);
+  float* out_head = out + int64_t{b} * T * Cq + hd.q_col(h);
   float* lse = saved != nullptr ? saved + int64_t{bh} * T : nullptr;  // saved [B, H, T]
 
   if (t0 >= len) {  // a tile of padding rows only (uniform over the block): zeros
     const int rows = min(kTileX, T - t0);
     for (int idx = tid; idx < rows * hs; idx += kAttnThreads)
-      out_head[int64_t{t0 + idx / hs} * C + idx % hs] = 0.0f;
+      out_head[int64_t{t0 + idx / hs} * Cq + idx % hs] = 0.0f;
     if (lse != nullptr)
       for (int r = tid; r < rows; r += kAttnThreads) lse[t0 + r] = 0.0f;
     return;
   }
 
-  load_rows<D, kTileX>(q_s, head + t0 * C3, C3, len - t0, hs);
+  load_rows<D, kTileX>(q_s, q_head + t0 * W, W, len - t0, hs);
   float o[kRowsPerThread][kNI];
   float m[kRowsPerThread], l[kRowsPerThread];
 #pragma unroll
@@ -291,8 +318,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int kv_end = min(len, t0 + kTileX);
   for (int s0 = 0; s0 < kv_end; s0 += kTileY) {
     __syncthreads();  // the previous step's readers of k_s, v_s, p_s are done
-    load_rows<D, kTileY>(k_s, head + C + s0 * C3, C3, kv_end - s0, hs);
-    load_rows<D, kTileY>(v_s, head + 2 * C + s0 * C3, C3, kv_end - s0, hs);
+    load_rows<D, kTileY>(k_s, k_head + s0 * W, W, kv_end - s0, hs);
+    load_rows<D, kTileY>(v_s, v_head + s0 * W, W, kv_end - s0, hs);
     __syncthreads();
 
     float s[kRowsPerThread][kNY];
@@ -333,7 +360,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   for (int a = 0; a < kRowsPerThread; ++a) {
     const int t = t0 + rg * kRowsPerThread + a;
     if (t >= T) continue;
-    float* row = out_head + int64_t{t} * C;
+    float* row = out_head + int64_t{t} * Cq;
     const bool valid = t < len;
     const float inv_l = valid ? 1.0f / l[a] : 0.0f;
 #pragma unroll
@@ -348,13 +375,14 @@ __global__ void __launch_bounds__(kAttnThreads)
 // ---- backward, tiled ----------------------------------------------------------------------
 
 // Dsum[b, h, t] = sum_i grad_out[b, t, h*hs + i] * out[b, t, h*hs + i] (0 for padding
-// rows). One warp per (b, h, t), grid-striding; lanes take dims i = lane + 32j and the
-// warp reduces in a fixed butterfly.
+// rows; rows of H hs floats). One warp per (b, h, t), grid-striding; lanes take dims
+// i = lane + 32j and the warp reduces in a fixed butterfly.
 __global__ void __launch_bounds__(kThreads)
-    attention_dsum_kernel(int B, int T, int C, int H, const int32_t* lengths,
+    attention_dsum_kernel(int B, int T, Heads hd, const int32_t* lengths,
                           const float* __restrict__ grad_out, const float* __restrict__ out,
                           float* __restrict__ dsum) {
-  const int hs = C / H;
+  const int H = hd.H, hs = hd.hs;
+  const int64_t Cq = hd.q_width();
   const int lane = threadIdx.x % kWarpSize;
   const int64_t items = int64_t{B} * H * T;
   const int64_t warps = int64_t{gridDim.x} * (blockDim.x / kWarpSize);
@@ -364,7 +392,7 @@ __global__ void __launch_bounds__(kThreads)
     const int b = bh / H, h = bh % H;
     float sum = 0.0f;
     if (t < valid_length(lengths, b, T)) {  // uniform over the warp
-      const int64_t offset = (int64_t{b} * T + t) * C + int64_t{h} * hs;
+      const int64_t offset = (int64_t{b} * T + t) * Cq + hd.q_col(h);
       for (int i = lane; i < hs; i += kWarpSize) sum = fmaf(grad_out[offset + i], out[offset + i], sum);
     }
 #pragma unroll
@@ -374,11 +402,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dK and dV of a tile of 64 keys. Grid: B * H * k_tiles blocks; the first key tiles (the
-// most query rows) go first. Adds into grad_qkv's k and v thirds of rows s < length.
+// dK and dV of a tile of 64 keys of kv head g, summed over the G query heads of its group
+// (h = g*G .. g*G+G-1 in order, each over its query tiles in order). Grid: B * KVH *
+// k_tiles blocks; the first key tiles (the most query rows) go first. Adds into
+// grad_qkv's k and v parts of kv head g, rows s < length.
 template <int D>
 __global__ void __launch_bounds__(kAttnThreads)
-    attention_backward_kv_kernel(int B, int T, int C, int H, const int32_t* lengths,
+    attention_backward_kv_kernel(int B, int T, Heads hd, const int32_t* lengths,
                                  const float* __restrict__ grad_out,
                                  const float* __restrict__ qkv, const float* __restrict__ lse,
                                  const float* __restrict__ dsum, float* __restrict__ grad_qkv,
@@ -394,72 +424,75 @@ __global__ void __launch_bounds__(kAttnThreads)
   float* lse_s = ds_s + kTileY * kLdW;  // [kTileY]
   float* dsum_s = lse_s + kTileY;       // [kTileY]
 
-  const int bh_count = B * H;
-  const int bh = static_cast<int>(blockIdx.x % bh_count);
-  const int s0 = static_cast<int>(blockIdx.x / bh_count) * kTileX;
-  const int b = bh / H, h = bh % H, hs = C / H;
+  const int bg_count = B * hd.KVH;
+  const int bg = static_cast<int>(blockIdx.x % bg_count);
+  const int s0 = static_cast<int>(blockIdx.x / bg_count) * kTileX;
+  const int b = bg / hd.KVH, g = bg % hd.KVH, hs = hd.hs, group = hd.group();
   const int len = valid_length(lengths, b, T);
   if (s0 >= len) return;  // padding keys: no valid query reads them
   const int tid = threadIdx.x, rg = tid / kGroupLanes, cg = tid % kGroupLanes;
-  const int64_t C3 = int64_t{3} * C;
-  const float* head = qkv + int64_t{b} * T * C3 + int64_t{h} * hs;
-  const float* go_head = grad_out + int64_t{b} * T * C + int64_t{h} * hs;
-  const float* lse_bh = lse + int64_t{bh} * T;
-  const float* dsum_bh = dsum + int64_t{bh} * T;
+  const int64_t W = hd.width(), Cq = hd.q_width();
+  const float* row0 = qkv + int64_t{b} * T * W;  // row (b, 0)
 
-  load_rows<D, kTileX>(k_s, head + C + s0 * C3, C3, len - s0, hs);
-  load_rows<D, kTileX>(v_s, head + 2 * C + s0 * C3, C3, len - s0, hs);
+  load_rows<D, kTileX>(k_s, row0 + hd.k_col(g) + s0 * W, W, len - s0, hs);
+  load_rows<D, kTileX>(v_s, row0 + hd.v_col(g) + s0 * W, W, len - s0, hs);
   float dk[kRowsPerThread][kNI], dv[kRowsPerThread][kNI];
 #pragma unroll
   for (int a = 0; a < kRowsPerThread; ++a)
 #pragma unroll
     for (int n = 0; n < kNI; ++n) dk[a][n] = dv[a][n] = 0.0f;
 
-  // Query rows t in [s0, len): the earlier ones read none of these keys. kTileY divides
-  // 64, so the query tiles stay aligned to multiples of kTileY.
-  for (int q0 = s0; q0 < len; q0 += kTileY) {
-    __syncthreads();  // the previous step's readers of q_s, do_s, p_s, ds_s are done
-    load_rows<D, kTileY>(q_s, head + q0 * C3, C3, len - q0, hs);
-    load_rows<D, kTileY>(do_s, go_head + int64_t{q0} * C, C, len - q0, hs);
-    for (int r = tid; r < kTileY; r += kAttnThreads) {  // never read past the valid rows
-      const bool valid = q0 + r < len;
-      lse_s[r] = valid ? lse_bh[q0 + r] : 0.0f;
-      dsum_s[r] = valid ? dsum_bh[q0 + r] : 0.0f;
-    }
-    __syncthreads();
-
-    // Transposed scores: x = key s (rows of K, V), y = query t (rows of Q, dO). The dot
-    // products are the forward's (the same products, d ascending), bit for bit.
-    float p[kRowsPerThread][kNY], ds[kRowsPerThread][kNY];
-    tile_dots<D, kNY>(k_s, q_s, rg, cg, p);
-    tile_dots<D, kNY>(v_s, do_s, rg, cg, ds);  // dP^T = V dO^T
-#pragma unroll
-    for (int a = 0; a < kRowsPerThread; ++a) {
-      const int s = s0 + rg * kRowsPerThread + a;
-#pragma unroll
-      for (int k = 0; k < kNY; ++k) {
-        const int r = cg + kGroupLanes * k;
-        const int t = q0 + r;
-        const float prob = s <= t && t < len ? expf(p[a][k] * scale - lse_s[r]) : 0.0f;
-        p[a][k] = prob;
-        ds[a][k] = prob * (ds[a][k] - dsum_s[r]);
+  for (int h = g * group; h < (g + 1) * group; ++h) {  // the group's query heads, in order
+    const float* q_head = row0 + hd.q_col(h);
+    const float* go_head = grad_out + int64_t{b} * T * Cq + hd.q_col(h);
+    const float* lse_bh = lse + (int64_t{b} * hd.H + h) * T;
+    const float* dsum_bh = dsum + (int64_t{b} * hd.H + h) * T;
+    // Query rows t in [s0, len): the earlier ones read none of these keys. kTileY divides
+    // 64, so the query tiles stay aligned to multiples of kTileY.
+    for (int q0 = s0; q0 < len; q0 += kTileY) {
+      __syncthreads();  // the previous step's readers of q_s, do_s, p_s, ds_s are done
+      load_rows<D, kTileY>(q_s, q_head + q0 * W, W, len - q0, hs);
+      load_rows<D, kTileY>(do_s, go_head + int64_t{q0} * Cq, Cq, len - q0, hs);
+      for (int r = tid; r < kTileY; r += kAttnThreads) {  // never read past the valid rows
+        const bool valid = q0 + r < len;
+        lse_s[r] = valid ? lse_bh[q0 + r] : 0.0f;
+        dsum_s[r] = valid ? dsum_bh[q0 + r] : 0.0f;
       }
+      __syncthreads();
+
+      // Transposed scores: x = key s (rows of K, V), y = query t (rows of Q, dO). The dot
+      // products are the forward's (the same products, d ascending), bit for bit.
+      float p[kRowsPerThread][kNY], ds[kRowsPerThread][kNY];
+      tile_dots<D, kNY>(k_s, q_s, rg, cg, p);
+      tile_dots<D, kNY>(v_s, do_s, rg, cg, ds);  // dP^T = V dO^T
+#pragma unroll
+      for (int a = 0; a < kRowsPerThread; ++a) {
+        const int s = s0 + rg * kRowsPerThread + a;
+#pragma unroll
+        for (int k = 0; k < kNY; ++k) {
+          const int r = cg + kGroupLanes * k;
+          const int t = q0 + r;
+          const float prob = s <= t && t < len ? expf(p[a][k] * scale - lse_s[r]) : 0.0f;
+          p[a][k] = prob;
+          ds[a][k] = prob * (ds[a][k] - dsum_s[r]);
+        }
+      }
+      store_transposed<kNY>(p_s, rg, cg, p);
+      store_transposed<kNY>(ds_s, rg, cg, ds);
+      __syncthreads();
+      const int rows = min(kTileY, len - q0);
+      tile_weighted_sum<D>(p_s, do_s, rows, rg, cg, dv);   // dV += P^T dO
+      tile_weighted_sum<D>(ds_s, q_s, rows, rg, cg, dk);   // dK += dS^T Q (scaled below)
     }
-    store_transposed<kNY>(p_s, rg, cg, p);
-    store_transposed<kNY>(ds_s, rg, cg, ds);
-    __syncthreads();
-    const int rows = min(kTileY, len - q0);
-    tile_weighted_sum<D>(p_s, do_s, rows, rg, cg, dv);   // dV += P^T dO
-    tile_weighted_sum<D>(ds_s, q_s, rows, rg, cg, dk);   // dK += dS^T Q (scaled below)
   }
 
-  float* g_head = grad_qkv + int64_t{b} * T * C3 + int64_t{h} * hs;
+  float* g_row0 = grad_qkv + int64_t{b} * T * W;
 #pragma unroll
   for (int a = 0; a < kRowsPerThread; ++a) {
     const int s = s0 + rg * kRowsPerThread + a;
     if (s >= len) continue;
-    float* gk = g_head + int64_t{s} * C3 + C;
-    float* gv = gk + C;
+    float* gk = g_row0 + int64_t{s} * W + hd.k_col(g);
+    float* gv = g_row0 + int64_t{s} * W + hd.v_col(g);
 #pragma unroll
     for (int n = 0; n < kNI; ++n) {
       const int i = owned_dim(cg, n);
@@ -471,11 +504,12 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
 }
 
-// dQ of a tile of 64 queries. Grid: B * H * q_tiles blocks, the tiles with the most keys
-// first. Adds into grad_qkv's q third of rows t < length.
+// dQ of a tile of 64 queries of head h (keys and values of its kv head). Grid: B * H *
+// q_tiles blocks, the tiles with the most keys first. Adds into grad_qkv's q part of
+// head h, rows t < length.
 template <int D>
 __global__ void __launch_bounds__(kAttnThreads)
-    attention_backward_q_kernel(int B, int T, int C, int H, const int32_t* lengths,
+    attention_backward_q_kernel(int B, int T, Heads hd, const int32_t* lengths,
                                 const float* __restrict__ grad_out,
                                 const float* __restrict__ qkv, const float* __restrict__ lse,
                                 const float* __restrict__ dsum, float* __restrict__ grad_qkv,
@@ -488,19 +522,21 @@ __global__ void __launch_bounds__(kAttnThreads)
   float* v_s = k_s + kTileY * kLd;      // [kTileY][kLd]  and values
   float* ds_s = v_s + kTileY * kLd;     // [kTileY][kLdW] dS, transposed: [key][query]
 
-  const int bh_count = B * H;
+  const int bh_count = B * hd.H;
   const int bh = static_cast<int>(blockIdx.x % bh_count);
   const int t0 = (q_tiles - 1 - static_cast<int>(blockIdx.x / bh_count)) * kTileX;
-  const int b = bh / H, h = bh % H, hs = C / H;
+  const int b = bh / hd.H, h = bh % hd.H, g = hd.kv_head(h), hs = hd.hs;
   const int len = valid_length(lengths, b, T);
   if (t0 >= len) return;  // padding rows: grad_qkv untouched
   const int tid = threadIdx.x, rg = tid / kGroupLanes, cg = tid % kGroupLanes;
-  const int64_t C3 = int64_t{3} * C;
-  const float* head = qkv + int64_t{b} * T * C3 + int64_t{h} * hs;
-  const float* go_head = grad_out + int64_t{b} * T * C + int64_t{h} * hs;
+  const int64_t W = hd.width(), Cq = hd.q_width();
+  const float* row0 = qkv + int64_t{b} * T * W;  // row (b, 0)
+  const float* k_head = row0 + hd.k_col(g);
+  const float* v_head = row0 + hd.v_col(g);
+  const float* go_head = grad_out + int64_t{b} * T * Cq + hd.q_col(h);
 
-  load_rows<D, kTileX>(q_s, head + t0 * C3, C3, len - t0, hs);
-  load_rows<D, kTileX>(do_s, go_head + int64_t{t0} * C, C, len - t0, hs);
+  load_rows<D, kTileX>(q_s, row0 + hd.q_col(h) + t0 * W, W, len - t0, hs);
+  load_rows<D, kTileX>(do_s, go_head + int64_t{t0} * Cq, Cq, len - t0, hs);
   float row_lse[kRowsPerThread], row_dsum[kRowsPerThread];
   float dq[kRowsPerThread][kNI];
 #pragma unroll
@@ -516,8 +552,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int kv_end = min(len, t0 + kTileX);
   for (int s0 = 0; s0 < kv_end; s0 += kTileY) {
     __syncthreads();  // the previous step's readers of k_s, v_s, ds_s are done
-    load_rows<D, kTileY>(k_s, head + C + s0 * C3, C3, kv_end - s0, hs);
-    load_rows<D, kTileY>(v_s, head + 2 * C + s0 * C3, C3, kv_end - s0, hs);
+    load_rows<D, kTileY>(k_s, k_head + s0 * W, W, kv_end - s0, hs);
+    load_rows<D, kTileY>(v_s, v_head + s0 * W, W, kv_end - s0, hs);
     __syncthreads();
 
     float sc[kRowsPerThread][kNY], ds[kRowsPerThread][kNY];
@@ -538,12 +574,12 @@ __global__ void __launch_bounds__(kAttnThreads)
     tile_weighted_sum<D>(ds_s, k_s, min(kTileY, kv_end - s0), rg, cg, dq);  // dQ += dS K
   }
 
-  float* g_head = grad_qkv + int64_t{b} * T * C3 + int64_t{h} * hs;
+  float* g_head = grad_qkv + int64_t{b} * T * W + hd.q_col(h);
 #pragma unroll
   for (int a = 0; a < kRowsPerThread; ++a) {
     const int t = t0 + rg * kRowsPerThread + a;
     if (t >= len) continue;
-    float* gq = g_head + int64_t{t} * C3;
+    float* gq = g_head + int64_t{t} * W;
 #pragma unroll
     for (int n = 0; n < kNI; ++n) {
       const int i = owned_dim(cg, n);
@@ -587,10 +623,10 @@ inline size_t row_smem_floats(int64_t hs) {
 
 // One query against keys 0..n-1 (n >= 1), the whole block:
 //   out[i] = sum_s softmax_s(q . k_s * scale) v_s[i],  *lse_out = log-sum-exp of the scores
-// q: hs floats; key s at k + s * stride, value s at v + s * stride (plain loads, never the
-// read-only cache: decode writes a cache row in the same kernel). Keys go in chunks of
-// kAttnThreads, one per thread (dot product over i ascending), with the online softmax;
-// then one thread per head dim adds the chunk's weighted values (keys ascending).
+// q: hs floats; key s at k + s * stride, value s at v + s * stride (plain loads). Keys go
+// in chunks of kAttnThreads, one per thread (dot product over i ascending), with the
+// online softmax; then one thread per head dim adds the chunk's weighted values (keys
+// ascending).
 // Shared: smem [row_smem_floats(hs)].
 __device__ void attend_row(int hs, float scale, const float* q, const float* k, const float* v,
                            int64_t stride, int n, float* smem, float* out, float* lse_out) {
@@ -636,53 +672,57 @@ __device__ void attend_row(int hs, float scale, const float* q, const float* k, 
   if (lse_out != nullptr && tid == 0) *lse_out = m + logf(l);
 }
 
+
 // Forward for head sizes above the tiled buckets: one block per (b, h, t), the rows with
 // the most keys first. Grid: B * H * T blocks.
 __global__ void __launch_bounds__(kAttnThreads)
-    attention_forward_rows_kernel(int B, int T, int C, int H, const int32_t* lengths,
+    attention_forward_rows_kernel(int B, int T, Heads hd, const int32_t* lengths,
                                   const float* qkv, float* saved, float* out, float scale) {
-  const int bh_count = B * H;
+  const int bh_count = B * hd.H;
   const int bh = static_cast<int>(blockIdx.x % bh_count);
   const int t = T - 1 - static_cast<int>(blockIdx.x / bh_count);
-  const int b = bh / H, h = bh % H, hs = C / H;
-  const int64_t C3 = int64_t{3} * C;
-  float* o = out + (int64_t{b} * T + t) * C + int64_t{h} * hs;
+  const int b = bh / hd.H, h = bh % hd.H, g = hd.kv_head(h), hs = hd.hs;
+  const int64_t W = hd.width();
+  float* o = out + (int64_t{b} * T + t) * hd.q_width() + hd.q_col(h);
   float* lse = saved != nullptr ? saved + int64_t{bh} * T + t : nullptr;
   if (t >= valid_length(lengths, b, T)) {  // padding row
     for (int i = threadIdx.x; i < hs; i += kAttnThreads) o[i] = 0.0f;
     if (lse != nullptr && threadIdx.x == 0) *lse = 0.0f;
     return;
   }
-  const float* head = qkv + int64_t{b} * T * C3 + int64_t{h} * hs;
-  attend_row(hs, scale, head + t * C3, head + C, head + 2 * C, C3, t + 1, dynamic_smem(), o,
-             lse);
+  const float* row0 = qkv + int64_t{b} * T * W;  // row (b, 0)
+  attend_row(hs, scale, row0 + t * W + hd.q_col(h), row0 + hd.k_col(g), row0 + hd.v_col(g), W,
+             t + 1, dynamic_smem(), o, lse);
 }
 
-// dQ for the large head sizes: one block per (b, h, t) with t < length; keys in chunks of
-// kAttnThreads (one per thread: score, dP, dS), then one thread per dim adds dS k_s.
-// Shared: q_t, dO_t, dQ accumulators [hs] each, dS [kAttnThreads].
+// dQ for the large head sizes: one block per (b, h, t) with t < length; keys of kv head
+// h / G in chunks of kAttnThreads (one per thread: score, dP, dS), then one thread per dim
+// adds dS k_s. Shared: q_t, dO_t, dQ accumulators [hs] each, dS [kAttnThreads].
 __global__ void __launch_bounds__(kAttnThreads)
-    attention_backward_q_rows_kernel(int B, int T, int C, int H, const int32_t* lengths,
+    attention_backward_q_rows_kernel(int B, int T, Heads hd, const int32_t* lengths,
                                      const float* __restrict__ grad_out,
                                      const float* __restrict__ qkv,
                                      const float* __restrict__ lse,
                                      const float* __restrict__ dsum,
                                      float* __restrict__ grad_qkv, float scale) {
-  const int bh_count = B * H;
+  const int bh_count = B * hd.H;
   const int bh = static_cast<int>(blockIdx.x % bh_count);
   const int t = T - 1 - static_cast<int>(blockIdx.x / bh_count);
-  const int b = bh / H, h = bh % H, hs = C / H;
+  const int b = bh / hd.H, h = bh % hd.H, g = hd.kv_head(h), hs = hd.hs;
   if (t >= valid_length(lengths, b, T)) return;
   const int tid = threadIdx.x;
-  const int64_t C3 = int64_t{3} * C;
-  const float* head = qkv + int64_t{b} * T * C3 + int64_t{h} * hs;
-  const float* go = grad_out + (int64_t{b} * T + t) * C + int64_t{h} * hs;
+  const int64_t W = hd.width();
+  const float* row0 = qkv + int64_t{b} * T * W;  // row (b, 0)
+  const float* q = row0 + t * W + hd.q_col(h);
+  const float* k_head = row0 + hd.k_col(g);
+  const float* v_head = row0 + hd.v_col(g);
+  const float* go = grad_out + (int64_t{b} * T + t) * hd.q_width() + hd.q_col(h);
   float* q_s = dynamic_smem();
   float* do_s = q_s + hs;
   float* acc_s = do_s + hs;
   float* w_s = acc_s + hs;
   for (int i = tid; i < hs; i += kAttnThreads) {
-    q_s[i] = head[t * C3 + i];
+    q_s[i] = q[i];
     do_s[i] = go[i];
     acc_s[i] = 0.0f;
   }
@@ -692,8 +732,8 @@ __global__ void __launch_bounds__(kAttnThreads)
     const int s = c0 + tid;
     float w = 0.0f;
     if (s <= t) {
-      const float* key = head + C + s * C3;
-      const float* value = head + 2 * C + s * C3;
+      const float* key = k_head + s * W;
+      const float* value = v_head + s * W;
       float dot = 0.0f, dp = 0.0f;
       for (int i = 0; i < hs; ++i) {
         dot = fmaf(q_s[i], key[i], dot);
@@ -706,38 +746,36 @@ __global__ void __launch_bounds__(kAttnThreads)
     const int count = min(kAttnThreads, t + 1 - c0);
     for (int i = tid; i < hs; i += kAttnThreads) {
       float a = acc_s[i];
-      const float* key = head + C + c0 * C3 + i;
-      for (int j = 0; j < count; ++j) a = fmaf(w_s[j], key[j * C3], a);
+      const float* key = k_head + c0 * W + i;
+      for (int j = 0; j < count; ++j) a = fmaf(w_s[j], key[j * W], a);
       acc_s[i] = a;
     }
     __syncthreads();  // w_s is rewritten by the next chunk
   }
-  float* gq = grad_qkv + (int64_t{b} * T + t) * C3 + int64_t{h} * hs;
+  float* gq = grad_qkv + (int64_t{b} * T + t) * W + hd.q_col(h);
   for (int i = tid; i < hs; i += kAttnThreads) gq[i] += acc_s[i] * scale;
 }
 
-// dK and dV for the large head sizes: one block per (b, h, s) with s < length; queries
-// t in [s, length) in chunks (one per thread: P, dS), then one thread per dim adds
-// P dO_t and dS q_t. Shared: k_s, v_s, dK, dV [hs] each, P and dS [kAttnThreads] each.
+// dK and dV for the large head sizes: one block per (b, kv head g, s) with s < length;
+// for each query head h of the group in order, its queries t in [s, length) in chunks
+// (one per thread: P, dS), then one thread per dim adds P dO_t and dS q_t. Shared: k_s,
+// v_s, dK, dV [hs] each, P and dS [kAttnThreads] each. Grid: B * KVH * T blocks.
 __global__ void __launch_bounds__(kAttnThreads)
-    attention_backward_kv_rows_kernel(int B, int T, int C, int H, const int32_t* lengths,
+    attention_backward_kv_rows_kernel(int B, int T, Heads hd, const int32_t* lengths,
                                       const float* __restrict__ grad_out,
                                       const float* __restrict__ qkv,
                                       const float* __restrict__ lse,
                                       const float* __restrict__ dsum,
                                       float* __restrict__ grad_qkv, float scale) {
-  const int bh_count = B * H;
-  const int bh = static_cast<int>(blockIdx.x % bh_count);
-  const int s = static_cast<int>(blockIdx.x / bh_count);  // the most queries first
-  const int b = bh / H, h = bh % H, hs = C / H;
+  const int bg_count = B * hd.KVH;
+  const int bg = static_cast<int>(blockIdx.x % bg_count);
+  const int s = static_cast<int>(blockIdx.x / bg_count);  // the most queries first
+  const int b = bg / hd.KVH, g = bg % hd.KVH, hs = hd.hs, group = hd.group();
   const int len = valid_length(lengths, b, T);
   if (s >= len) return;
   const int tid = threadIdx.x;
-  const int64_t C3 = int64_t{3} * C;
-  const float* head = qkv + int64_t{b} * T * C3 + int64_t{h} * hs;
-  const float* go_head = grad_out + int64_t{b} * T * C + int64_t{h} * hs;
-  const float* lse_bh = lse + int64_t{bh} * T;
-  const float* dsum_bh = dsum + int64_t{bh} * T;
+  const int64_t W = hd.width(), Cq = hd.q_width();
+  const float* row0 = qkv + int64_t{b} * T * W;  // row (b, 0)
   float* k_s = dynamic_smem();
   float* v_s = k_s + hs;
   float* dk_s = v_s + hs;
@@ -745,98 +783,121 @@ __global__ void __launch_bounds__(kAttnThreads)
   float* p_s = dv_s + hs;
   float* ds_s = p_s + kAttnThreads;
   for (int i = tid; i < hs; i += kAttnThreads) {
-    k_s[i] = head[C + s * C3 + i];
-    v_s[i] = head[2 * C + s * C3 + i];
+    k_s[i] = row0[s * W + hd.k_col(g) + i];
+    v_s[i] = row0[s * W + hd.v_col(g) + i];
     dk_s[i] = 0.0f;
     dv_s[i] = 0.0f;
   }
   __syncthreads();
-  for (int c0 = s; c0 < len; c0 += kAttnThreads) {
-    const int t = c0 + tid;
-    float p = 0.0f, ds = 0.0f;
-    if (t < len) {
-      const float* query = head + t * C3;
-      const float* go = go_head + int64_t{t} * C;
-      float dot = 0.0f, dp = 0.0f;
-      for (int i = 0; i < hs; ++i) {
-        dot = fmaf(query[i], k_s[i], dot);
-        dp = fmaf(go[i], v_s[i], dp);
+  for (int h = g * group; h < (g + 1) * group; ++h) {  // the group's query heads, in order
+    const float* q_head = row0 + hd.q_col(h);
+    const float* go_head = grad_out + int64_t{b} * T * Cq + hd.q_col(h);
+    const float* lse_bh = lse + (int64_t{b} * hd.H + h) * T;
+    const float* dsum_bh = dsum + (int64_t{b} * hd.H + h) * T;
+    for (int c0 = s; c0 < len; c0 += kAttnThreads) {
+      const int t = c0 + tid;
+      float p = 0.0f, ds = 0.0f;
+      if (t < len) {
+        const float* query = q_head + t * W;
+        const float* go = go_head + t * Cq;
+        float dot = 0.0f, dp = 0.0f;
+        for (int i = 0; i < hs; ++i) {
+          dot = fmaf(query[i], k_s[i], dot);
+          dp = fmaf(go[i], v_s[i], dp);
+        }
+        p = expf(dot * scale - lse_bh[t]);
+        ds = p * (dp - dsum_bh[t]);
       }
-      p = expf(dot * scale - lse_bh[t]);
-      ds = p * (dp - dsum_bh[t]);
-    }
-    p_s[tid] = p;
-    ds_s[tid] = ds;
-    __syncthreads();
-    const int count = min(kAttnThreads, len - c0);
-    for (int i = tid; i < hs; i += kAttnThreads) {
-      float a_k = dk_s[i], a_v = dv_s[i];
-      const float* query = head + c0 * C3 + i;
-      const float* go = go_head + int64_t{c0} * C + i;
-      for (int j = 0; j < count; ++j) {
-        a_v = fmaf(p_s[j], go[int64_t{j} * C], a_v);
-        a_k = fmaf(ds_s[j], query[j * C3], a_k);
+      p_s[tid] = p;
+      ds_s[tid] = ds;
+      __syncthreads();
+      const int count = min(kAttnThreads, len - c0);
+      for (int i = tid; i < hs; i += kAttnThreads) {
+        float a_k = dk_s[i], a_v = dv_s[i];
+        const float* query = q_head + c0 * W + i;
+        const float* go = go_head + c0 * Cq + i;
+        for (int j = 0; j < count; ++j) {
+          a_v = fmaf(p_s[j], go[j * Cq], a_v);
+          a_k = fmaf(ds_s[j], query[j * W], a_k);
+        }
+        dk_s[i] = a_k;
+        dv_s[i] = a_v;
       }
-      dk_s[i] = a_k;
-      dv_s[i] = a_v;
+      __syncthreads();  // p_s, ds_s are rewritten by the next chunk
     }
-    __syncthreads();  // p_s, ds_s are rewritten by the next chunk
   }
-  float* gk = grad_qkv + (int64_t{b} * T + s) * C3 + C + int64_t{h} * hs;
-  float* gv = gk + C;
+  float* g_row = grad_qkv + (int64_t{b} * T + s) * W;
   for (int i = tid; i < hs; i += kAttnThreads) {
-    gk[i] += dk_s[i] * scale;
-    gv[i] += dv_s[i];
+    g_row[hd.k_col(g) + i] += dk_s[i] * scale;
+    g_row[hd.v_col(g) + i] += dv_s[i];
   }
 }
 
 // ---- the KV cache ---------------------------------------------------------------------------
 
-// k_cache / v_cache [B, cache_T, C] rows t < length of sequence b = the k / v thirds of
-// qkv [B, T, 3C]. One thread per (b, t, c), grid-striding.
+// k_cache / v_cache [B, cache_T, KVH hs] rows t < length of sequence b = the k / v parts
+// of qkv [B, T, W]. One thread per (b, t, c), grid-striding.
 __global__ void __launch_bounds__(kThreads)
-    kv_cache_store_kernel(int64_t B, int64_t T, int64_t C, const int32_t* lengths,
+    kv_cache_store_kernel(int64_t B, int64_t T, Heads hd, const int32_t* lengths,
                           const float* __restrict__ qkv, int64_t cache_T,
                           float* __restrict__ k_cache, float* __restrict__ v_cache) {
-  const int64_t n = B * T * C;
+  const int64_t KC = hd.kv_width(), W = hd.width();
+  const int64_t n = B * T * KC;
   for (int64_t idx = global_thread_index(); idx < n; idx += grid_thread_count()) {
-    const int64_t c = idx % C, row = idx / C;
+    const int64_t c = idx % KC, row = idx / KC;
     const int64_t t = row % T, b = row / T;
     if (t >= valid_length(lengths, static_cast<int>(b), static_cast<int>(T))) continue;
-    const float* src = qkv + row * 3 * C + c;
-    const int64_t dst = (b * cache_T + t) * C + c;
-    k_cache[dst] = src[C];
-    v_cache[dst] = src[2 * C];
+    const float* src = qkv + row * W + c;
+    const int64_t dst = (b * cache_T + t) * KC + c;
+    k_cache[dst] = src[hd.k_col(0)];
+    v_cache[dst] = src[hd.v_col(0)];
   }
 }
 
-// One decoding step, one block per (b, h). The block first writes its head's slice of
-// the new cache row p (hs floats of k and of v; no other block touches these columns of
-// sequence b), syncs (which makes its global writes visible to the whole block), then
-// attends over the cache rows 0..p with attend_row. positions[b] < 0 (finished) or
-// >= cache_T (out of range; the host cannot check device values): out row 0, cache
-// untouched.
+// The first kernel of a decoding step: the k and v parts of qkv [B, W] row b go to row
+// p = positions[b] of the caches [B, cache_T, KVH hs] when 0 <= p < cache_T (other rows:
+// caches untouched). One thread per (b, c), grid-striding, so every element is written
+// exactly once, whatever the number of query heads reading it; the attention kernel,
+// launched after this one on the same stream, reads it.
+__global__ void __launch_bounds__(kThreads)
+    kv_cache_append_kernel(int64_t B, Heads hd, const int32_t* __restrict__ positions,
+                           const float* __restrict__ qkv, int64_t cache_T,
+                           float* __restrict__ k_cache, float* __restrict__ v_cache) {
+  const int64_t KC = hd.kv_width(), W = hd.width();
+  const int64_t n = B * KC;
+  for (int64_t idx = global_thread_index(); idx < n; idx += grid_thread_count()) {
+    const int64_t c = idx % KC, b = idx / KC;
+    const int64_t p = positions[b];
+    if (p < 0 || p >= cache_T) continue;
+    const float* src = qkv + b * W + c;
+    const int64_t dst = (b * cache_T + p) * KC + c;
+    k_cache[dst] = src[hd.k_col(0)];
+    v_cache[dst] = src[hd.v_col(0)];
+  }
+}
+
+// The second kernel of a decoding step, one block per (b, h): attends with the q of
+// head h over the cache rows 0..p of kv head h / G (row p written by
+// kv_cache_append_kernel). positions[b] < 0 (finished) or >= cache_T (out of range; the
+// host cannot check device values): out row 0.
 __global__ void __launch_bounds__(kAttnThreads)
-    attention_decode_kernel(int B, int C, int H, const int32_t* positions, const float* qkv,
-                            int64_t cache_T, float* k_cache, float* v_cache, float* out,
-                            float scale) {
-  const int b = static_cast<int>(blockIdx.x) / H, h = static_cast<int>(blockIdx.x) % H;
-  const int hs = C / H;
-  float* o = out + int64_t{b} * C + int64_t{h} * hs;
+    attention_decode_kernel(Heads hd, const int32_t* positions, const float* qkv,
+                            int64_t cache_T, const float* k_cache, const float* v_cache,
+                            float* out, float scale) {
+  const int b = static_cast<int>(blockIdx.x) / hd.H, h = static_cast<int>(blockIdx.x) % hd.H;
+  const int g = hd.kv_head(h), hs = hd.hs;
+  float* o = out + int64_t{b} * hd.q_width() + hd.q_col(h);
   const int p = positions[b];
   if (p < 0 || p >= cache_T) {  // uniform over the block
     for (int i = threadIdx.x; i < hs; i += kAttnThreads) o[i] = 0.0f;
     return;
   }
-  const float* row = qkv + int64_t{b} * 3 * C + int64_t{h} * hs;  // q of row b, head h
-  float* kc = k_cache + int64_t{b} * cache_T * C + int64_t{h} * hs;  // rows at stride C
-  float* vc = v_cache + int64_t{b} * cache_T * C + int64_t{h} * hs;
-  for (int i = threadIdx.x; i < hs; i += kAttnThreads) {
-    kc[int64_t{p} * C + i] = row[C + i];
-    vc[int64_t{p} * C + i] = row[2 * C + i];
-  }
-  __syncthreads();
-  attend_row(hs, scale, row, kc, vc, C, p + 1, dynamic_smem(), o, nullptr);
+  const int64_t KC = hd.kv_width();
+  const float* q = qkv + int64_t{b} * hd.width() + hd.q_col(h);
+  // Kv head g's columns of sequence b's cache rows, at stride KC.
+  const float* kc = k_cache + int64_t{b} * cache_T * KC + int64_t{g} * hs;
+  const float* vc = v_cache + int64_t{b} * cache_T * KC + int64_t{g} * hs;
+  attend_row(hs, scale, q, kc, vc, KC, p + 1, dynamic_smem(), o, nullptr);
 }
 
 // ---- host side ------------------------------------------------------------------------------
@@ -851,23 +912,59 @@ void require_data(const void* p, const char* name) {
           name);
 }
 
-// The multi-head layout: H >= 1, C >= 1, C % H == 0.
-void require_heads(int64_t C, int64_t H) {
-  require(H >= 1, ErrorCode::InvalidArgument, "H must be >= 1, got " + std::to_string(H), "H");
-  require(C >= 1, ErrorCode::InvalidArgument, "C must be >= 1, got " + std::to_string(C), "C");
-  require(C % H == 0, ErrorCode::InvalidArgument,
-          "C (" + std::to_string(C) + ") must be a multiple of H (" + std::to_string(H) + ")",
-          "C");
+// The grouped-query layout, as the CPU checks it (cpu/attention.cpp): heads (H), kv_heads
+// (KVH) and head_size (hs) >= 0, and >= 1 when the call has work; H a multiple of KVH.
+void require_heads(int64_t H, int64_t KVH, int64_t hs, bool has_work) {
+  require_size(H, "heads");
+  require_size(KVH, "kv_heads");
+  require_size(hs, "head_size");
+  if (has_work) {
+    require(H >= 1, ErrorCode::InvalidArgument, "heads must be >= 1, got " + std::to_string(H),
+            "heads");
+    require(KVH >= 1, ErrorCode::InvalidArgument,
+            "kv_heads must be >= 1, got " + std::to_string(KVH), "kv_heads");
+    require(hs >= 1, ErrorCode::InvalidArgument,
+            "head_size must be >= 1, got " + std::to_string(hs), "head_size");
+  }
+  require(KVH == 0 || H % KVH == 0, ErrorCode::InvalidArgument,
+          "heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" +
+              std::to_string(KVH) + ")",
+          "kv_heads");
 }
 
-// The kernels index rows, columns and blocks with int: 3C, T, cache_T and the grids
-// (at most B * H * T blocks) must fit (far beyond any real model).
+// The kernels index rows, columns and blocks with int: the values below must fit (far
+// beyond any real model).
 void require_int_range(int64_t value, const char* what, const char* name) {
   require(value <= INT_MAX, ErrorCode::InvalidArgument,
           std::string(what) + " = " + std::to_string(value) +
               " is too large for the CUDA attention kernels (max " + std::to_string(INT_MAX) +
               ")",
           name);
+}
+
+// The layout of a call with work that passed require_heads (so 1 <= KVH <= H, hs >= 1):
+// the qkv row width (H + 2 KVH) hs must fit in int (then every head count, column offset
+// and out or cache row width does). Checked without overflowing.
+Heads checked_heads(int64_t H, int64_t KVH, int64_t hs) {
+  require(H <= INT_MAX / 3 && hs <= INT_MAX / (H + 2 * KVH), ErrorCode::InvalidArgument,
+          "the qkv row width (heads + 2 kv_heads) * head_size with heads = " +
+              std::to_string(H) + ", kv_heads = " + std::to_string(KVH) + ", head_size = " +
+              std::to_string(hs) + " is too large for the CUDA attention kernels (max " +
+              std::to_string(INT_MAX) + ")",
+          "head_size");
+  return Heads{static_cast<int>(H), static_cast<int>(KVH), static_cast<int>(hs)};
+}
+
+// B, T and B * H * T (the largest grid, and the (b, h, t) index of saved) fit in int.
+void require_grid(int64_t B, int64_t H, int64_t T) {
+  require_int_range(B, "B", "B");
+  require_int_range(T, "T", "T");
+  // B, H <= INT_MAX, so B * H does not overflow.
+  require(T == 0 || B * H <= INT_MAX / T, ErrorCode::InvalidArgument,
+          "B * heads * T with B = " + std::to_string(B) + ", heads = " + std::to_string(H) +
+              ", T = " + std::to_string(T) + " is too large for the CUDA attention kernels (max " +
+              std::to_string(INT_MAX) + ")",
+          "T");
 }
 
 float head_scale(int64_t hs) {
@@ -883,32 +980,33 @@ void allow_smem(Kernel kernel, size_t bytes) {
 }
 
 template <int D>
-void forward_tiled(int B, int T, int C, int H, const int32_t* lengths, const float* qkv,
+void forward_tiled(int B, int T, Heads hd, const int32_t* lengths, const float* qkv,
                    float* saved, float* out, float scale) {
   const int q_tiles = static_cast<int>(ceil_div(T, kTileX));
-  const int64_t blocks = int64_t{B} * H * q_tiles;
+  const int64_t blocks = int64_t{B} * hd.H * q_tiles;
   const size_t smem = Tiles<D>::kForwardFloats * sizeof(float);
   allow_smem(attention_forward_kernel<D>, smem);
   attention_forward_kernel<D><<<static_cast<unsigned>(blocks), kAttnThreads, smem>>>(
-      B, T, C, H, lengths, qkv, saved, out, scale, q_tiles);
+      B, T, hd, lengths, qkv, saved, out, scale, q_tiles);
   PPO_CUDA_CHECK_LAUNCH("attention_forward_kernel");
 }
 
 template <int D>
-void backward_tiled(int B, int T, int C, int H, const int32_t* lengths, const float* grad_out,
+void backward_tiled(int B, int T, Heads hd, const int32_t* lengths, const float* grad_out,
                     const float* qkv, const float* lse, const float* dsum, float* grad_qkv,
                     float scale) {
   const int tiles = static_cast<int>(ceil_div(T, kTileX));
-  const int64_t blocks = int64_t{B} * H * tiles;
+  const int64_t kv_blocks = int64_t{B} * hd.KVH * tiles;
   const size_t kv_smem = Tiles<D>::kBackwardKvFloats * sizeof(float);
   allow_smem(attention_backward_kv_kernel<D>, kv_smem);
-  attention_backward_kv_kernel<D><<<static_cast<unsigned>(blocks), kAttnThreads, kv_smem>>>(
-      B, T, C, H, lengths, grad_out, qkv, lse, dsum, grad_qkv, scale);
+  attention_backward_kv_kernel<D><<<static_cast<unsigned>(kv_blocks), kAttnThreads, kv_smem>>>(
+      B, T, hd, lengths, grad_out, qkv, lse, dsum, grad_qkv, scale);
   PPO_CUDA_CHECK_LAUNCH("attention_backward_kv_kernel");
+  const int64_t q_blocks = int64_t{B} * hd.H * tiles;
   const size_t q_smem = Tiles<D>::kBackwardQFloats * sizeof(float);
   allow_smem(attention_backward_q_kernel<D>, q_smem);
-  attention_backward_q_kernel<D><<<static_cast<unsigned>(blocks), kAttnThreads, q_smem>>>(
-      B, T, C, H, lengths, grad_out, qkv, lse, dsum, grad_qkv, scale, tiles);
+  attention_backward_q_kernel<D><<<static_cast<unsigned>(q_blocks), kAttnThreads, q_smem>>>(
+      B, T, hd, lengths, grad_out, qkv, lse, dsum, grad_qkv, scale, tiles);
   PPO_CUDA_CHECK_LAUNCH("attention_backward_q_kernel");
 }
 
@@ -917,112 +1015,112 @@ void backward_tiled(int B, int T, int C, int H, const int32_t* lengths, const fl
 int64_t attention_saved_floats(int64_t B, int64_t T, int64_t H) {
   require_size(B, "B");
   require_size(T, "T");
-  require_size(H, "H");
+  require_size(H, "heads");
   return B * H * T;  // the log-sum-exp of each (b, h, query row)
 }
 
-void attention_forward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                       const float* qkv, float* saved, float* out) {
+void attention_forward(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                       const int32_t* lengths, const float* qkv, float* saved, float* out) {
   require_size(B, "B");
   require_size(T, "T");
-  require_heads(C, H);
+  require_heads(H, KVH, hs, B > 0 && T > 0);
   if (B == 0 || T == 0) return;
   require_data(qkv, "qkv");
   require_data(out, "out");
-  require_int_range(3 * C, "3 * C", "C");
-  require_int_range(B * H * T, "B * H * T", "T");  // hence B, H, T and every grid fit
-  const int64_t hs = C / H;
+  const Heads hd = checked_heads(H, KVH, hs);
+  require_grid(B, H, T);  // hence every grid and index fits
   const float scale = head_scale(hs);
-  const int b = static_cast<int>(B), t = static_cast<int>(T), c = static_cast<int>(C),
-            h = static_cast<int>(H);
+  const int b = static_cast<int>(B), t = static_cast<int>(T);
   if (hs <= 32) {
-    forward_tiled<32>(b, t, c, h, lengths, qkv, saved, out, scale);
+    forward_tiled<32>(b, t, hd, lengths, qkv, saved, out, scale);
   } else if (hs <= 64) {
-    forward_tiled<64>(b, t, c, h, lengths, qkv, saved, out, scale);
+    forward_tiled<64>(b, t, hd, lengths, qkv, saved, out, scale);
   } else if (hs <= kMaxTiledHead) {
-    forward_tiled<128>(b, t, c, h, lengths, qkv, saved, out, scale);
+    forward_tiled<128>(b, t, hd, lengths, qkv, saved, out, scale);
   } else {
     const int64_t blocks = B * H * T;
     const size_t smem = row_smem_floats(hs) * sizeof(float);
     allow_smem(attention_forward_rows_kernel, smem);
     attention_forward_rows_kernel<<<static_cast<unsigned>(blocks), kAttnThreads, smem>>>(
-        b, t, c, h, lengths, qkv, saved, out, scale);
+        b, t, hd, lengths, qkv, saved, out, scale);
     PPO_CUDA_CHECK_LAUNCH("attention_forward_rows_kernel");
   }
 }
 
-void attention_backward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                        const float* grad_out, const float* qkv, const float* out,
-                        const float* saved, float* grad_qkv) {
+void attention_backward(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                        const int32_t* lengths, const float* grad_out, const float* qkv,
+                        const float* out, const float* saved, float* grad_qkv) {
   require_size(B, "B");
   require_size(T, "T");
-  require_heads(C, H);
+  require_heads(H, KVH, hs, B > 0 && T > 0);
   if (B == 0 || T == 0) return;
   require_data(grad_out, "grad_out");
   require_data(qkv, "qkv");
   require_data(out, "out");
   require_data(saved, "saved");
   require_data(grad_qkv, "grad_qkv");
-  require_int_range(3 * C, "3 * C", "C");
-  require_int_range(B * H * T, "B * H * T", "T");  // hence B, H, T and every grid fit
-  const int64_t hs = C / H;
+  const Heads hd = checked_heads(H, KVH, hs);
+  require_grid(B, H, T);  // hence every grid and index fits
   const float scale = head_scale(hs);
-  const int b = static_cast<int>(B), t = static_cast<int>(T), c = static_cast<int>(C),
-            h = static_cast<int>(H);
+  const int b = static_cast<int>(B), t = static_cast<int>(T);
 
   // Dsum [B, H, T] in a scratch buffer (its cudaFree at scope exit waits for the kernels).
   PPO_DEVICE_BUFFER(float, dsum, static_cast<size_t>(B * H * T));
   const int64_t warps = B * H * T;
   attention_dsum_kernel<<<elementwise_blocks(warps * kWarpSize), kThreads>>>(
-      b, t, c, h, lengths, grad_out, out, dsum.get());
+      b, t, hd, lengths, grad_out, out, dsum.get());
   PPO_CUDA_CHECK_LAUNCH("attention_dsum_kernel");
 
   if (hs <= 32) {
-    backward_tiled<32>(b, t, c, h, lengths, grad_out, qkv, saved, dsum.get(), grad_qkv, scale);
+    backward_tiled<32>(b, t, hd, lengths, grad_out, qkv, saved, dsum.get(), grad_qkv, scale);
   } else if (hs <= 64) {
-    backward_tiled<64>(b, t, c, h, lengths, grad_out, qkv, saved, dsum.get(), grad_qkv, scale);
+    backward_tiled<64>(b, t, hd, lengths, grad_out, qkv, saved, dsum.get(), grad_qkv, scale);
   } else if (hs <= kMaxTiledHead) {
-    backward_tiled<128>(b, t, c, h, lengths, grad_out, qkv, saved, dsum.get(), grad_qkv, scale);
+    backward_tiled<128>(b, t, hd, lengths, grad_out, qkv, saved, dsum.get(), grad_qkv, scale);
   } else {
-    const int64_t blocks = B * H * T;
+    const int64_t q_blocks = B * H * T;
     const size_t q_smem = static_cast<size_t>(3 * hs + kAttnThreads) * sizeof(float);
     allow_smem(attention_backward_q_rows_kernel, q_smem);
-    attention_backward_q_rows_kernel<<<static_cast<unsigned>(blocks), kAttnThreads, q_smem>>>(
-        b, t, c, h, lengths, grad_out, qkv, saved, dsum.get(), grad_qkv, scale);
+    attention_backward_q_rows_kernel<<<static_cast<unsigned>(q_blocks), kAttnThreads,
+                                       q_smem>>>(b, t, hd, lengths, grad_out, qkv, saved,
+                                                 dsum.get(), grad_qkv, scale);
     PPO_CUDA_CHECK_LAUNCH("attention_backward_q_rows_kernel");
+    const int64_t kv_blocks = B * KVH * T;
     const size_t kv_smem = static_cast<size_t>(4 * hs + 2 * kAttnThreads) * sizeof(float);
     allow_smem(attention_backward_kv_rows_kernel, kv_smem);
-    attention_backward_kv_rows_kernel<<<static_cast<unsigned>(blocks), kAttnThreads,
-                                        kv_smem>>>(b, t, c, h, lengths, grad_out, qkv, saved,
+    attention_backward_kv_rows_kernel<<<static_cast<unsigned>(kv_blocks), kAttnThreads,
+                                        kv_smem>>>(b, t, hd, lengths, grad_out, qkv, saved,
                                                    dsum.get(), grad_qkv, scale);
     PPO_CUDA_CHECK_LAUNCH("attention_backward_kv_rows_kernel");
   }
 }
 
-void kv_cache_store(int64_t B, int64_t T, int64_t C, const int32_t* lengths, const float* qkv,
-                    int64_t cache_T, float* k_cache, float* v_cache) {
+void kv_cache_store(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                    const int32_t* lengths, const float* qkv, int64_t cache_T, float* k_cache,
+                    float* v_cache) {
   require_size(B, "B");
   require_size(T, "T");
-  require_size(C, "C");
+  require_heads(H, KVH, hs, B > 0 && T > 0);
   require(cache_T >= T, ErrorCode::InvalidArgument,
           "cache_T (" + std::to_string(cache_T) + ") must be >= T (" + std::to_string(T) + ")",
           "cache_T");
-  if (B == 0 || T == 0 || C == 0) return;
+  if (B == 0 || T == 0) return;
   require_data(qkv, "qkv");
   require_data(k_cache, "k_cache");
   require_data(v_cache, "v_cache");
+  const Heads hd = checked_heads(H, KVH, hs);
   require_int_range(T, "T", "T");
   require_int_range(B, "B", "B");
-  kv_cache_store_kernel<<<elementwise_blocks(B * T * C), kThreads>>>(B, T, C, lengths, qkv,
-                                                                     cache_T, k_cache, v_cache);
+  kv_cache_store_kernel<<<elementwise_blocks(B * T * hd.kv_width()), kThreads>>>(
+      B, T, hd, lengths, qkv, cache_T, k_cache, v_cache);
   PPO_CUDA_CHECK_LAUNCH("kv_cache_store_kernel");
 }
 
-void attention_decode(int64_t B, int64_t C, int64_t H, const int32_t* positions,
+void attention_decode(int64_t B, int64_t H, int64_t KVH, int64_t hs, const int32_t* positions,
                       const float* qkv, int64_t cache_T, float* k_cache, float* v_cache,
                       float* out) {
   require_size(B, "B");
-  require_heads(C, H);
+  require_heads(H, KVH, hs, B > 0);
   require_size(cache_T, "cache_T");
   if (B == 0) return;
   require_data(positions, "positions");
@@ -1034,16 +1132,21 @@ void attention_decode(int64_t B, int64_t C, int64_t H, const int32_t* positions,
     require_data(k_cache, "k_cache");
     require_data(v_cache, "v_cache");
   }
-  require_int_range(3 * C, "3 * C", "C");
+  const Heads hd = checked_heads(H, KVH, hs);
   require_int_range(cache_T, "cache_T", "cache_T");
-  const int64_t blocks = B * H;
-  require_int_range(blocks, "B * H", "B");
-  const int64_t hs = C / H;
+  require_int_range(B, "B", "B");
+  const int64_t blocks = B * H;  // B, H <= INT_MAX: no overflow
+  require_int_range(blocks, "B * heads", "B");
+  // First the new cache rows (each element once), then the attention of every query head.
+  if (cache_T > 0) {
+    kv_cache_append_kernel<<<elementwise_blocks(B * hd.kv_width()), kThreads>>>(
+        B, hd, positions, qkv, cache_T, k_cache, v_cache);
+    PPO_CUDA_CHECK_LAUNCH("kv_cache_append_kernel");
+  }
   const size_t smem = row_smem_floats(hs) * sizeof(float);
   allow_smem(attention_decode_kernel, smem);
   attention_decode_kernel<<<static_cast<unsigned>(blocks), kAttnThreads, smem>>>(
-      static_cast<int>(B), static_cast<int>(C), static_cast<int>(H), positions, qkv, cache_T,
-      k_cache, v_cache, out, head_scale(hs));
+      hd, positions, qkv, cache_T, k_cache, v_cache, out, head_scale(hs));
   PPO_CUDA_CHECK_LAUNCH("attention_decode_kernel");
 }
 

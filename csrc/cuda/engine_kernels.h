@@ -52,18 +52,21 @@ void value_head_forward(int64_t rows, int64_t channels, const float* x, const fl
 void value_head_backward(int64_t rows, int64_t channels, const float* grad, const float* x,
                          const float* w, float* grad_x, float* grad_w);
 
-// attention.cu: fused causal attention (no T x T matrix in memory), its backward, and
-// the KV-cache path.
+// attention.cu: fused causal attention with H query heads and KVH key/value heads of hs
+// columns each (grouped-query; KVH == H is multi-head), no T x T matrix in memory, its
+// backward, and the KV-cache path (caches [B, cache_T, KVH hs]).
 int64_t attention_saved_floats(int64_t B, int64_t T, int64_t H);
-void attention_forward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                       const float* qkv, float* saved, float* out);
-void attention_backward(int64_t B, int64_t T, int64_t C, int64_t H, const int32_t* lengths,
-                        const float* grad_out, const float* qkv, const float* out,
-                        const float* saved, float* grad_qkv);
-void kv_cache_store(int64_t B, int64_t T, int64_t C, const int32_t* lengths, const float* qkv,
-                    int64_t cache_T, float* k_cache, float* v_cache);
-void attention_decode(int64_t B, int64_t C, int64_t H, const int32_t* positions, const float* qkv,
-                      int64_t cache_T, float* k_cache, float* v_cache, float* out);
+void attention_forward(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                       const int32_t* lengths, const float* qkv, float* saved, float* out);
+void attention_backward(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                        const int32_t* lengths, const float* grad_out, const float* qkv,
+                        const float* out, const float* saved, float* grad_qkv);
+void kv_cache_store(int64_t B, int64_t T, int64_t H, int64_t KVH, int64_t hs,
+                    const int32_t* lengths, const float* qkv, int64_t cache_T, float* k_cache,
+                    float* v_cache);
+void attention_decode(int64_t B, int64_t H, int64_t KVH, int64_t hs, const int32_t* positions,
+                      const float* qkv, int64_t cache_T, float* k_cache, float* v_cache,
+                      float* out);
 
 // optimizer.cu
 void adamw_update(int64_t n, float* param, const float* grad, float* m, float* v, float lr,

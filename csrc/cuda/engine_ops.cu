@@ -11,6 +11,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/engine_kernels.h"
 #include "cuda/kernels.h"
+#include "cuda/llama_kernels.h"
 
 namespace ppo::cuda {
 namespace {
@@ -48,6 +49,12 @@ EngineOps make_engine_ops() {
   t.accumulate = accumulate;
   t.embedding_forward = embedding_forward;
   t.embedding_backward = embedding_backward;
+  t.rmsnorm_forward = rmsnorm_forward;
+  t.rmsnorm_backward = rmsnorm_backward;
+  t.rope_forward = rope_forward;
+  t.rope_backward = rope_backward;
+  t.swiglu_forward = swiglu_forward;
+  t.swiglu_backward = swiglu_backward;
   t.attention_saved_floats = attention_saved_floats;
   t.attention_forward = attention_forward;
   t.attention_backward = attention_backward;

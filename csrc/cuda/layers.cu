@@ -431,9 +431,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int32_t pos = positions[r];
     const int32_t tok = pos < 0 ? -1 : tokens[r];
+    // wpe == nullptr: no learned positions (Llama: rotary positions come later).
     out[r * C + c] = tok < 0 ? 0.0f
                              : wte[static_cast<int64_t>(tok) * C + c] +
-                                   wpe[static_cast<int64_t>(pos) * C + c];
+                                   (wpe != nullptr ? wpe[static_cast<int64_t>(pos) * C + c] : 0.0f);
   }
 }
 
@@ -695,7 +696,6 @@ void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
   require_data(tokens, "tokens");
   require_data(positions, "positions");
   require_data(wte, "wte");
-  require_data(wpe, "wpe");
   require_data(out, "out");
   embedding_forward_kernel<<<row_tile_grid(rows, channels), kThreads>>>(rows, channels, tokens,
                                                                          positions, wte, wpe, out);

@@ -575,18 +575,56 @@ struct Classified {
   int64_t layer = -1;     // Param in a block: its index (possibly >= n_layer)
 };
 
-// "h.<digits>.<rest>" -> (layer, rest); false otherwise. Leading zeros and absurd
-// lengths are not a block name.
-bool split_block_name(const std::string& s, int64_t& layer, std::string& rest) {
-  if (s.compare(0, 2, "h.") != 0) return false;
-  size_t i = 2;
+// "<head><digits>.<rest>" -> (layer, rest), head "h." for GPT-2 and "model.layers." for
+// Llama; false otherwise. Leading zeros and absurd lengths are not a block name.
+bool split_block_name(const std::string& s, int64_t& layer, std::string& rest, const char* head = "h.") {
+  const size_t h = std::strlen(head);
+  if (s.compare(0, h, head) != 0) return false;
+  size_t i = h;
   while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
-  const size_t digits = i - 2;
-  if (digits == 0 || digits > 9 || (digits > 1 && s[2] == '0')) return false;
+  const size_t digits = i - h;
+  if (digits == 0 || digits > 9 || (digits > 1 && s[h] == '0')) return false;
   if (i >= s.size() || s[i] != '.') return false;
-  layer = std::stoll(s.substr(2, digits));
+  layer = std::stoll(s.substr(h, digits));
   rest = s.substr(i + 1);
   return true;
+}
+
+// A Llama checkpoint's tensors (Hugging Face's LlamaForCausalLM names, kept as they are).
+Classified classify_llama(const std::string& name, const ModelConfig& config) {
+  static const std::unordered_set<std::string> block_suffixes = {
+      "input_layernorm.weight",  "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+      "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+      "mlp.gate_proj.weight",    "mlp.up_proj.weight",      "mlp.down_proj.weight"};
+  Classified c;
+  if (name == "score.weight" || name == "model.embed_tokens.weight" || name == "model.norm.weight") {
+    c.kind = Classified::Param;
+    c.canonical = name;
+    return c;
+  }
+  if (name == "lm_head.weight") {
+    if (config.untied_head()) {
+      c.kind = Classified::Param;
+      c.canonical = name;
+    } else {
+      c.kind = Classified::LmHead;  // a copy of the tied embedding: checked equal, not loaded
+    }
+    return c;
+  }
+  int64_t layer = -1;
+  std::string rest;
+  if (split_block_name(name, layer, rest, "model.layers.")) {
+    if (rest == "self_attn.rotary_emb.inv_freq") {
+      c.kind = Classified::Ignored;  // a buffer of old checkpoints, recomputed from rope_theta
+      return c;
+    }
+    if (block_suffixes.count(rest) > 0) {
+      c.kind = Classified::Param;
+      c.canonical = name;
+      c.layer = layer;
+    }
+  }
+  return c;  // Unknown
 }
 
 bool is_block_suffix(const std::string& rest) {
@@ -859,12 +897,13 @@ LoadedCheckpoint load_checkpoint_impl(const std::string& dir) {
   int64_t max_layer = -1;
   for (size_t f = 0; f < files.size(); ++f) {
     for (const SafetensorsTensor& t : files[f].header.tensors) {
-      const Classified c = classify(t.name);
+      const Classified c = config.is_llama() ? classify_llama(t.name, config) : classify(t.name);
       switch (c.kind) {
         case Classified::Unknown:
           throw Error(ErrorCode::InvalidArgument,
-                      files[f].path + ": unexpected tensor '" + t.name +
-                          "': not part of a GPT-2 model (a checkpoint of another architecture?)",
+                      files[f].path + ": unexpected tensor '" + t.name + "': not part of a " +
+                          (config.is_llama() ? "Llama" : "GPT-2") +
+                          " model (a checkpoint of another architecture?)",
                       t.name);
         case Classified::Ignored: break;
         case Classified::LmHead:
@@ -900,8 +939,8 @@ LoadedCheckpoint load_checkpoint_impl(const std::string& dir) {
   const ParameterLayout layout = parameter_layout(config);
   for (const ParamTensor& p : layout.tensors)
     require(params.count(p.name) > 0, ErrorCode::InvalidArgument,
-            dir + ": the weights have no tensor '" + p.name + "' (with or without the '" +
-                kPrefix + "' prefix)",
+            dir + ": the weights have no tensor '" + p.name + "'" +
+                (config.is_llama() ? std::string() : std::string(" (with or without the '") + kPrefix + "' prefix)"),
             p.name);
   // wte [V, C] and wpe [P, C] tell which config field disagrees.
   auto check_embedding = [&](const char* name, const char* rows_field, int64_t rows) {
@@ -916,8 +955,9 @@ LoadedCheckpoint load_checkpoint_impl(const std::string& dir) {
                 "' has shape " + shape_string(t.shape),
             rows_field);
   };
-  check_embedding("wte.weight", "vocab_size", config.vocab_size);
-  check_embedding("wpe.weight", "n_positions", config.n_positions);
+  const char* const embedding_name = config.is_llama() ? "model.embed_tokens.weight" : "wte.weight";
+  check_embedding(embedding_name, "vocab_size", config.vocab_size);
+  if (!config.is_llama()) check_embedding("wpe.weight", "n_positions", config.n_positions);
 
   // ---- shapes and dtypes.
   auto disk_shape = [](const ParamTensor& p) {
@@ -942,7 +982,7 @@ LoadedCheckpoint load_checkpoint_impl(const std::string& dir) {
     const std::vector<int64_t> want = {config.vocab_size, config.n_embd};
     require(t.shape == want, ErrorCode::ShapeMismatch,
             files[lm_head.file].path + ": tensor '" + t.name + "' has shape " +
-                shape_string(t.shape) + ", expected " + shape_string(want) + " (tied to wte)",
+                shape_string(t.shape) + ", expected " + shape_string(want) + " (tied to " + embedding_name + ")",
             t.name);
     require(is_float_dtype(t.dtype), ErrorCode::InvalidArgument,
             files[lm_head.file].path + ": tensor '" + t.name + "' has dtype " + t.dtype +
@@ -970,9 +1010,11 @@ LoadedCheckpoint load_checkpoint_impl(const std::string& dir) {
     for (int64_t i = 0; i < n; ++i)
       if (head[static_cast<size_t>(i)] != wte[i])
         throw Error(ErrorCode::InvalidArgument,
-                    files[lm_head.file].path + ": '" + lm_head.tensor->name +
-                        "' differs from wte.weight (first at flat index " + std::to_string(i) +
-                        "): an untied LM head is not supported for GPT-2 (the head is always wte)",
+                    files[lm_head.file].path + ": '" + lm_head.tensor->name + "' differs from " +
+                        embedding_name + " (first at flat index " + std::to_string(i) +
+                        (config.is_llama()
+                             ? "), but config.json says tie_word_embeddings: true"
+                             : "): an untied LM head is not supported for GPT-2 (the head is always wte)"),
                     lm_head.tensor->name);
   }
   out.config = config;
@@ -994,7 +1036,7 @@ void save_checkpoint_impl(const std::string& dir, const ModelConfig& config, con
   std::vector<WriteEntry> entries;
   for (const ParamTensor& p : layout.tensors) {
     WriteEntry e;
-    e.name = p.name == "score.weight" ? p.name : kPrefix + p.name;
+    e.name = p.name == "score.weight" || config.is_llama() ? p.name : kPrefix + p.name;
     e.shape = p.hf_transposed ? std::vector<int64_t>{p.shape[1], p.shape[0]} : p.shape;
     e.data = params + p.offset;
     e.transpose = p.hf_transposed;

@@ -264,11 +264,27 @@ struct Model::Impl {
 
   int64_t C() const { return cfg.n_embd; }
   int64_t V() const { return cfg.vocab_size; }
+  bool llama() const { return cfg.is_llama(); }
+  int64_t H() const { return cfg.n_head; }
+  int64_t KVH() const { return cfg.kv_heads(); }
+  int64_t hs() const { return cfg.head_size(); }
+  // Widths of a block's activations: qkv [(H + 2 KVH) hs] (3C for GPT-2), the MLP's
+  // input projection [4C | 2I (gate | up)] and its activation [4C | I].
+  int64_t qkv_width() const { return (H() + 2 * KVH()) * hs(); }
+  int64_t fc_width() const { return llama() ? 2 * cfg.intermediate_size : 4 * C(); }
+  int64_t act_width() const { return llama() ? cfg.intermediate_size : 4 * C(); }
+  // The KV cache of one layer and sequence position: k or v of the KVH heads.
+  int64_t kv_width() const { return KVH() * hs(); }
+  // A parameter by offset, or nullptr for a tensor the architecture lacks (-1).
+  const float* param(int64_t offset) const { return offset < 0 ? nullptr : params.get() + offset; }
+  float* grad(int64_t offset) const { return offset < 0 ? nullptr : grads.get() + offset; }
+  // The LM head's weight [V, C]: lm_head.weight when untied, else the token embedding.
+  int64_t head_offset() const { return layout.lm_head >= 0 ? layout.lm_head : layout.wte; }
 
   // Floats one block needs at (B, T), with or without what attention saves for backward.
   int64_t block_floats(int64_t B, int64_t T, bool with_att) const {
     const int64_t N = B * T, c = C();
-    return N * (c + 3 * c + c + c + c + 4 * c + 4 * c + c) + 4 * N +
+    return N * (c + qkv_width() + c + c + c + fc_width() + act_width() + c) + 4 * N +
            (with_att ? ops->attention_saved_floats(B, T, cfg.n_head) : 0);
   }
 
@@ -285,15 +301,15 @@ struct Model::Impl {
     a.ln1 = take(N * c);
     a.mean1 = take(N);
     a.rstd1 = take(N);
-    a.qkv = take(N * 3 * c);
+    a.qkv = take(N * qkv_width());
     a.att = with_att ? take(ops->attention_saved_floats(B, T, cfg.n_head)) : nullptr;
     a.atty = take(N * c);
     a.x2 = take(N * c);
     a.ln2 = take(N * c);
     a.mean2 = take(N);
     a.rstd2 = take(N);
-    a.fch = take(N * 4 * c);
-    a.fchg = take(N * 4 * c);
+    a.fch = take(N * fc_width());
+    a.fchg = take(N * act_width());
     a.x3 = take(N * c);
     return a;
   }
@@ -365,10 +381,29 @@ struct Model::Impl {
   // in a forward pass, or one cached position per sequence in a decoding step. a.x3 may
   // be x itself (blocks that share one set of activations): x is last read before it.
   template <typename Attend>
-  void block_forward(int64_t l, int64_t rows, const float* x, const BlockActs& a, Attend attend) {
+  void block_forward(int64_t l, int64_t rows, const float* x, const int32_t* positions, const BlockActs& a,
+                     Attend attend) {
     const BlockOffsets& o = layout.blocks[l];
-    const float* P = params.get();
     const int64_t c = C();
+    if (llama()) {
+      // h = RMSNorm(x); qkv = h Wqkv^T; rotary positions on q and k (adjacent heads);
+      // x2 = x + attention Wo^T; h2 = RMSNorm(x2); x3 = x2 + SwiGLU(h2 Wgu^T) Wdown^T.
+      const float eps = static_cast<float>(cfg.rms_norm_eps);
+      ops->rmsnorm_forward(rows, c, x, param(o.ln_1_weight), eps, a.ln1, a.rstd1);
+      linear_forward(*ops, rows, c, qkv_width(), a.ln1, param(o.attn_weight), nullptr, a.qkv);
+      ops->rope_forward(rows, qkv_width(), 0, H() + KVH(), hs(), positions, static_cast<float>(cfg.rope_theta),
+                        static_cast<float>(cfg.rope_scaling), a.qkv);
+      attend(a.qkv, a.atty);
+      linear_forward(*ops, rows, c, c, a.atty, param(o.attn_proj_weight), nullptr, a.x2);
+      ops->add(rows * c, a.x2, x, a.x2);
+      ops->rmsnorm_forward(rows, c, a.x2, param(o.ln_2_weight), eps, a.ln2, a.rstd2);
+      linear_forward(*ops, rows, c, fc_width(), a.ln2, param(o.fc_weight), nullptr, a.fch);
+      ops->swiglu_forward(rows, act_width(), a.fch, a.fchg);
+      linear_forward(*ops, rows, act_width(), c, a.fchg, param(o.fc_proj_weight), nullptr, a.x3);
+      ops->add(rows * c, a.x3, a.x2, a.x3);
+      return;
+    }
+    const float* P = params.get();
     const float eps = static_cast<float>(cfg.layer_norm_epsilon);
     ops->layernorm_forward(rows, c, x, P + o.ln_1_weight, P + o.ln_1_bias, eps, a.ln1, a.mean1, a.rstd1);
     linear_forward(*ops, rows, c, 3 * c, a.ln1, P + o.attn_weight, P + o.attn_bias, a.qkv);
@@ -384,23 +419,29 @@ struct Model::Impl {
 
   // The final LayerNorm of `rows` rows of the residual stream.
   void final_layernorm(int64_t rows, const float* x, float* out, float* mean, float* rstd) const {
+    if (llama()) {
+      ops->rmsnorm_forward(rows, C(), x, param(layout.ln_f_weight), static_cast<float>(cfg.rms_norm_eps), out, rstd);
+      return;
+    }
     ops->layernorm_forward(rows, C(), x, params.get() + layout.ln_f_weight, params.get() + layout.ln_f_bias,
                            static_cast<float>(cfg.layer_norm_epsilon), out, mean, rstd);
   }
 
   // Runs the blocks over x0 (already embedded) for (B, T) with the given lengths (device),
   // leaving the final hidden states in lnf. kv (may be nullptr): per-layer caches to prefill.
-  void run_blocks(int64_t B, int64_t T, const int32_t* lengths, float* kv, int64_t cache_T) {
-    const int64_t N = B * T, c = C(), H = cfg.n_head;
+  void run_blocks(int64_t B, int64_t T, const int32_t* positions, const int32_t* lengths, float* kv,
+                  int64_t cache_T) {
+    const int64_t N = B * T, H = cfg.n_head;
     const float* x = x0;
     for (int64_t l = 0; l < cfg.n_layer; ++l) {
       const BlockActs& a = blocks[l];
-      block_forward(l, N, x, a, [&](const float* qkv, float* atty) {
+      block_forward(l, N, x, positions, a, [&](const float* qkv, float* atty) {
         if (kv) {
-          float* k_cache = kv + 2 * l * B * cache_T * c;
-          ops->kv_cache_store(B, T, c, lengths, qkv, cache_T, k_cache, k_cache + B * cache_T * c);
+          const int64_t layer_cache = B * cache_T * kv_width();
+          float* k_cache = kv + 2 * l * layer_cache;
+          ops->kv_cache_store(B, T, H, KVH(), hs(), lengths, qkv, cache_T, k_cache, k_cache + layer_cache);
         }
-        ops->attention_forward(B, T, c, H, lengths, qkv, a.att, atty);
+        ops->attention_forward(B, T, H, KVH(), hs(), lengths, qkv, a.att, atty);
       });
       x = a.x3;
     }
@@ -477,14 +518,14 @@ struct Model::Impl {
     const int32_t* positions_d = d_positions.upload(positions.data(), N);
     const int32_t* lengths_d = d_lengths.upload(lengths.data(), B);
     const float* P = params.get();
-    ops->embedding_forward(N, c, tokens_d, positions_d, P + layout.wte, P + layout.wpe, x0);
-    run_blocks(B, T, lengths_d, nullptr, 0);
+    ops->embedding_forward(N, c, tokens_d, positions_d, P + layout.wte, param(layout.wpe), x0);
+    run_blocks(B, T, positions_d, lengths_d, nullptr, 0);
 
     ForwardResult result;
     result.lm_tokens = K;
     if (req.logits) {
       float* logits = output_buffer(req.logits, N * Vv);
-      linear_forward(*ops, N, c, Vv, lnf, P + layout.wte, nullptr, logits);
+      linear_forward(*ops, N, c, Vv, lnf, P + head_offset(), nullptr, logits);
       ops->zero_padded_rows(N, Vv, positions_d, logits);
       deliver(req.logits, logits, N * Vv);
     }
@@ -513,7 +554,7 @@ struct Model::Impl {
         const int64_t kn = std::min(chunk, K - k0);
         ops->gather_rows(kn, c, rows_d + k0, lnf, hs);
         float* logits = req.retain ? logits_base + k0 * Vv : logits_base;
-        linear_forward(*ops, kn, c, Vv, hs, P + layout.wte, nullptr, logits);
+        linear_forward(*ops, kn, c, Vv, hs, P + head_offset(), nullptr, logits);
         head_logprobs(kn, logits, target_tokens_d + k0, lp_d + k0, ent_d ? ent_d + k0 : nullptr);
       }
       std::vector<float> lp(static_cast<size_t>(K)), ent(req.entropy ? static_cast<size_t>(K) : 0);
@@ -640,48 +681,61 @@ struct Model::Impl {
         a.grad_logits = dlogits;
         ops->logprobs_backward(a);
         ops->gather_rows(kn, c, rows_d + k0, lnf, hs);
-        linear_backward(*ops, kn, c, Vv, dlogits, hs, P + layout.wte, dhs, false, G + layout.wte, nullptr);
+        linear_backward(*ops, kn, c, Vv, dlogits, hs, P + head_offset(), dhs, false, G + head_offset(), nullptr);
         ops->scatter_add_rows(kn, c, rows_d + k0, dhs, dlnf);
       }
     }
 
-    // Final LayerNorm: dres = d x_L.
+    // Final norm: dres = d x_L.
     const float* xL = cfg.n_layer > 0 ? blocks[cfg.n_layer - 1].x3 : x0;
-    ops->layernorm_backward(N, c, dlnf, xL, P + layout.ln_f_weight, lnf_mean, lnf_rstd, dres,
-                            G + layout.ln_f_weight, G + layout.ln_f_bias);
+    if (llama())
+      ops->rmsnorm_backward(N, c, dlnf, xL, P + layout.ln_f_weight, lnf_rstd, dres, G + layout.ln_f_weight);
+    else
+      ops->layernorm_backward(N, c, dlnf, xL, P + layout.ln_f_weight, lnf_mean, lnf_rstd, dres,
+                              G + layout.ln_f_weight, G + layout.ln_f_bias);
 
     // Blocks in reverse. dres holds d x3 (the block's output) on entry and d x on exit.
-    float* dfchg = bw_dfchg.reserve(N * 4 * c);  // d GELU output
-    float* dfch = bw_dfch.reserve(N * 4 * c);    // d GELU input
-    float* dqkv = bw_dqkv.reserve(N * 3 * c);
+    const int64_t qkv_w = qkv_width(), fc_w = fc_width(), act_w = act_width();
+    float* dfchg = bw_dfchg.reserve(N * act_w);  // d of the MLP's activation (GELU or SwiGLU output)
+    float* dfch = bw_dfch.reserve(N * fc_w);     // d of its input
+    float* dqkv = bw_dqkv.reserve(N * qkv_w);
     float* dsmall = bw_dsmall.reserve(N * c);    // d ln1, d ln2, d atty in turn
     const int32_t* lengths_d = d_lengths.get();
+    const int32_t* positions_d = d_positions.get();
+    const float theta = static_cast<float>(cfg.rope_theta), scaling = static_cast<float>(cfg.rope_scaling);
     for (int64_t l = cfg.n_layer - 1; l >= 0; --l) {
       const BlockOffsets& o = layout.blocks[l];
       const BlockActs& a = blocks[l];
       const float* x = l > 0 ? blocks[l - 1].x3 : x0;
-      // x3 = x2 + fchg Wp^T + bp
-      linear_backward(*ops, N, 4 * c, c, dres, a.fchg, P + o.fc_proj_weight, dfchg, false,
-                      G + o.fc_proj_weight, G + o.fc_proj_bias);
-      ops->zero(dfch, sizeof(float) * N * 4 * c);
-      ops->gelu_backward(N * 4 * c, a.fch, dfchg, dfch);
-      linear_backward(*ops, N, c, 4 * c, dfch, a.ln2, P + o.fc_weight, dsmall, false, G + o.fc_weight,
-                      G + o.fc_bias);
-      // dres += LayerNorm_2 backward (dres already holds the residual path's d x2)
-      ops->layernorm_backward(N, c, dsmall, a.x2, P + o.ln_2_weight, a.mean2, a.rstd2, dres,
-                              G + o.ln_2_weight, G + o.ln_2_bias);
+      // x3 = x2 + act Wp^T + bp
+      linear_backward(*ops, N, act_w, c, dres, a.fchg, P + o.fc_proj_weight, dfchg, false, G + o.fc_proj_weight,
+                      grad(o.fc_proj_bias));
+      ops->zero(dfch, sizeof(float) * N * fc_w);
+      if (llama()) ops->swiglu_backward(N, act_w, a.fch, dfchg, dfch);
+      else ops->gelu_backward(N * fc_w, a.fch, dfchg, dfch);
+      linear_backward(*ops, N, c, fc_w, dfch, a.ln2, P + o.fc_weight, dsmall, false, G + o.fc_weight, grad(o.fc_bias));
+      // dres += norm_2 backward (dres already holds the residual path's d x2)
+      if (llama())
+        ops->rmsnorm_backward(N, c, dsmall, a.x2, P + o.ln_2_weight, a.rstd2, dres, G + o.ln_2_weight);
+      else
+        ops->layernorm_backward(N, c, dsmall, a.x2, P + o.ln_2_weight, a.mean2, a.rstd2, dres, G + o.ln_2_weight,
+                                G + o.ln_2_bias);
       // x2 = x + atty Wproj^T + bproj
-      linear_backward(*ops, N, c, c, dres, a.atty, P + o.attn_proj_weight, dsmall, false,
-                      G + o.attn_proj_weight, G + o.attn_proj_bias);
-      ops->zero(dqkv, sizeof(float) * N * 3 * c);
-      ops->attention_backward(B, T, c, H, lengths_d, dsmall, a.qkv, a.atty, a.att, dqkv);
-      linear_backward(*ops, N, c, 3 * c, dqkv, a.ln1, P + o.attn_weight, dsmall, false,
-                      G + o.attn_weight, G + o.attn_bias);
-      ops->layernorm_backward(N, c, dsmall, x, P + o.ln_1_weight, a.mean1, a.rstd1, dres,
-                              G + o.ln_1_weight, G + o.ln_1_bias);
+      linear_backward(*ops, N, c, c, dres, a.atty, P + o.attn_proj_weight, dsmall, false, G + o.attn_proj_weight,
+                      grad(o.attn_proj_bias));
+      ops->zero(dqkv, sizeof(float) * N * qkv_w);
+      ops->attention_backward(B, T, H, KVH(), hs(), lengths_d, dsmall, a.qkv, a.atty, a.att, dqkv);
+      // The rotation of q and k is orthogonal: its backward rotates their gradients back.
+      if (llama()) ops->rope_backward(N, qkv_w, 0, H + KVH(), hs(), positions_d, theta, scaling, dqkv);
+      linear_backward(*ops, N, c, qkv_w, dqkv, a.ln1, P + o.attn_weight, dsmall, false, G + o.attn_weight,
+                      grad(o.attn_bias));
+      if (llama())
+        ops->rmsnorm_backward(N, c, dsmall, x, P + o.ln_1_weight, a.rstd1, dres, G + o.ln_1_weight);
+      else
+        ops->layernorm_backward(N, c, dsmall, x, P + o.ln_1_weight, a.mean1, a.rstd1, dres, G + o.ln_1_weight,
+                                G + o.ln_1_bias);
     }
-    ops->embedding_backward(N, c, dres, d_tokens.get(), d_positions.get(), G + layout.wte,
-                            G + layout.wpe);
+    ops->embedding_backward(N, c, dres, d_tokens.get(), d_positions.get(), G + layout.wte, grad(layout.wpe));
     ops->synchronize();
   }
 
@@ -767,16 +821,18 @@ struct Model::Impl {
     upload_params_written_on_host();
     const int64_t cache_T = longest + o.max_new_tokens;
     const int64_t L = cfg.n_layer;
-    float* kv = kv_cache.reserve_zeroed(2 * L * B * cache_T * c);
+    const int64_t layer_cache = B * cache_T * kv_width();
+    float* kv = kv_cache.reserve_zeroed(2 * L * layer_cache);
 
     // Prefill: the prompts through the blocks, k and v into the cache.
     std::vector<int32_t> positions, lengths;
     row_positions(prompts, positions, lengths);
     prepare_arena(B, T, false);
     const float* P = params.get();
-    ops->embedding_forward(B * T, c, d_tokens.upload(prompts.tokens, B * T), d_positions.upload(positions.data(), B * T),
-                           P + layout.wte, P + layout.wpe, x0);
-    run_blocks(B, T, d_lengths.upload(lengths.data(), B), kv, cache_T);
+    const int32_t* prompt_positions = d_positions.upload(positions.data(), B * T);
+    ops->embedding_forward(B * T, c, d_tokens.upload(prompts.tokens, B * T), prompt_positions, P + layout.wte,
+                           param(layout.wpe), x0);
+    run_blocks(B, T, prompt_positions, d_lengths.upload(lengths.data(), B), kv, cache_T);
 
     GenerateResult out;
     out.batch = B;
@@ -843,7 +899,7 @@ struct Model::Impl {
 
     for (int64_t s = 0; s < o.max_new_tokens; ++s) {
       // Logits of every row, then sample the active ones.
-      linear_forward(*ops, B, c, Vv, hidden, P + layout.wte, nullptr, logits);
+      linear_forward(*ops, B, c, Vv, hidden, P + head_offset(), nullptr, logits);
       if (!o.greedy)
         for (int64_t b = 0; b < B; ++b)
           if (active[b]) uniforms[b] = rngs[b].uniform();
@@ -887,12 +943,12 @@ struct Model::Impl {
       // One decoding step: each active row's new token at position length + s.
       for (int64_t b = 0; b < B; ++b) cur_pos[b] = active[b] ? static_cast<int32_t>(lengths[b] + s) : -1;
       const int32_t* pos_d = gen_positions.upload(cur_pos.data(), B);
-      ops->embedding_forward(B, c, gen_next.upload(next.data(), B), pos_d, P + layout.wte, P + layout.wpe, step_x);
+      ops->embedding_forward(B, c, gen_next.upload(next.data(), B), pos_d, P + layout.wte, param(layout.wpe), step_x);
       const float* x = step_x;
       for (int64_t l = 0; l < L; ++l) {
-        float* k_cache = kv + 2 * l * B * cache_T * c;
-        block_forward(l, B, x, step, [&](const float* qkv, float* atty) {
-          ops->attention_decode(B, c, H, pos_d, qkv, cache_T, k_cache, k_cache + B * cache_T * c, atty);
+        float* k_cache = kv + 2 * l * layer_cache;
+        block_forward(l, B, x, pos_d, step, [&](const float* qkv, float* atty) {
+          ops->attention_decode(B, H, KVH(), hs(), pos_d, qkv, cache_T, k_cache, k_cache + layer_cache, atty);
         });
         x = step.x3;
       }
@@ -920,7 +976,10 @@ Model::Model(const ModelConfig& config, uint64_t seed, const ModelOptions& optio
       std::fill(w, w + t.numel, is_weight ? 1.0f : 0.0f);
       continue;
     }
-    const bool residual_proj = t.name.find("c_proj.weight") != std::string::npos;
+    // The projections back into the residual stream: GPT-2's c_proj, Llama's o_proj and down_proj.
+    const bool residual_proj = t.name.find("c_proj.weight") != std::string::npos ||
+                               t.name.find("o_proj.weight") != std::string::npos ||
+                               t.name.find("down_proj.weight") != std::string::npos;
     const double sigma = residual_proj ? residual_std : 0.02;
     fill_normal(rng, w, t.numel, sigma);
   }
@@ -982,12 +1041,16 @@ Model::Memory Model::estimate_memory(const ModelConfig& config, bool trainable, 
   const int64_t f = sizeof(float);
   const int64_t P = parameter_layout(config).total;
   const int64_t c = config.n_embd, L = config.n_layer, Vv = config.vocab_size, H = config.n_head;
+  const int64_t qkv_w = (H + 2 * config.kv_heads()) * config.head_size();
+  const int64_t fc_w = config.is_llama() ? 2 * config.intermediate_size : 4 * c;
+  const int64_t act_w = config.is_llama() ? config.intermediate_size : 4 * c;
+  const int64_t kv_w = config.kv_heads() * config.head_size();
   auto block = [&](int64_t B, int64_t T, bool att) {
     const int64_t N = B * T;
     // What attention saves for backward: the probabilities on the CPU, a log-sum-exp per
     // query row on CUDA (engine_ops.h's attention_saved_floats).
     const int64_t saved = device == Device::Cuda ? B * H * T : B * H * T * T;
-    return N * (c + 3 * c + c + c + c + 4 * c + 4 * c + c) + 4 * N + (att ? saved : 0);
+    return N * (c + qkv_w + c + c + c + fc_w + act_w + c) + 4 * N + (att ? saved : 0);
   };
   auto arena = [&](int64_t B, int64_t T, bool retain) {
     const int64_t N = B * T;
@@ -997,9 +1060,9 @@ Model::Memory Model::estimate_memory(const ModelConfig& config, bool trainable, 
   const int64_t N = batch * steps;
   const int64_t chunk = std::min<int64_t>(kHeadChunk, std::max<int64_t>(N, 1));
   acts += chunk * Vv + 2 * chunk * c;  // the LM head's chunk scratch
-  if (trainable) acts += N * Vv + N * c * (1 + 1 + 4 + 4 + 3 + 1);  // retained head logits, backward scratch
+  if (trainable) acts += N * Vv + N * (c + c + act_w + fc_w + qkv_w + c);  // retained head logits, backward scratch
   return {P * f, trainable ? P * f : 0, trainable ? 2 * P * f : 0, acts * f,
-          2 * L * generate_batch * generate_steps * c * f};
+          2 * L * generate_batch * generate_steps * kv_w * f};
 }
 GenerateResult Model::generate(const TokenBatch& prompts, const GenerateOptions& options) {
   return impl_->generate(prompts, options);

@@ -1,4 +1,4 @@
-// The flat parameter layout of the GPT-2 engine (see params.h).
+// The flat parameter layout of the engine, GPT-2 or Llama (see params.h).
 #include "model/params.h"
 
 namespace ppo::model {
@@ -29,6 +29,31 @@ ParameterLayout parameter_layout(const ModelConfig& config) {
     layout.tensors.push_back(std::move(t));
     return layout.tensors.back().offset;
   };
+  if (config.is_llama()) {
+    const int64_t H = config.n_head, KVH = config.kv_heads(), hs = config.head_size(), I = config.intermediate_size;
+    layout.wte = add("model.embed_tokens.weight", {V, C}, ParamKind::Embedding, -1);
+    layout.wpe = -1;
+    for (int64_t l = 0; l < config.n_layer; ++l) {
+      const std::string h = "model.layers." + std::to_string(l) + ".";
+      BlockOffsets b{};
+      b.ln_1_weight = add(h + "input_layernorm.weight", {C}, ParamKind::Norm, l);
+      b.attn_weight = add(h + "self_attn.q_proj.weight", {H * hs, C}, ParamKind::Matrix, l);
+      add(h + "self_attn.k_proj.weight", {KVH * hs, C}, ParamKind::Matrix, l);
+      add(h + "self_attn.v_proj.weight", {KVH * hs, C}, ParamKind::Matrix, l);
+      b.attn_proj_weight = add(h + "self_attn.o_proj.weight", {C, H * hs}, ParamKind::Matrix, l);
+      b.ln_2_weight = add(h + "post_attention_layernorm.weight", {C}, ParamKind::Norm, l);
+      b.fc_weight = add(h + "mlp.gate_proj.weight", {I, C}, ParamKind::Matrix, l);
+      add(h + "mlp.up_proj.weight", {I, C}, ParamKind::Matrix, l);
+      b.fc_proj_weight = add(h + "mlp.down_proj.weight", {C, I}, ParamKind::Matrix, l);
+      b.ln_1_bias = b.attn_bias = b.attn_proj_bias = b.ln_2_bias = b.fc_bias = b.fc_proj_bias = -1;
+      layout.blocks.push_back(b);
+    }
+    layout.ln_f_weight = add("model.norm.weight", {C}, ParamKind::Norm, -1);
+    layout.ln_f_bias = -1;
+    if (config.untied_head()) layout.lm_head = add("lm_head.weight", {V, C}, ParamKind::Matrix, -1);
+    if (config.value_head) layout.value_head = add("score.weight", {1, C}, ParamKind::Head, -1);
+    return layout;
+  }
   layout.wte = add("wte.weight", {V, C}, ParamKind::Embedding, -1);
   layout.wpe = add("wpe.weight", {P, C}, ParamKind::Embedding, -1);
   for (int64_t l = 0; l < config.n_layer; ++l) {

@@ -21,9 +21,11 @@ enum class ParamKind {
 };
 
 struct ParamTensor {
-  // Hugging Face's name without the "transformer." prefix: "wte.weight", "wpe.weight",
-  // "h.{l}.ln_1.weight", "h.{l}.ln_1.bias", "h.{l}.attn.c_attn.weight", ..., "ln_f.bias",
-  // and "score.weight" for the value head (stored at the top level, no prefix).
+  // GPT-2: Hugging Face's name without the "transformer." prefix: "wte.weight",
+  // "wpe.weight", "h.{l}.ln_1.weight", "h.{l}.ln_1.bias", "h.{l}.attn.c_attn.weight", ...,
+  // "ln_f.bias". Llama: Hugging Face's full name ("model.embed_tokens.weight",
+  // "model.layers.{l}.self_attn.q_proj.weight", ..., "model.norm.weight", "lm_head.weight").
+  // Both: "score.weight" for the value head (stored at the top level).
   std::string name;
   // The shape as stored in OUR buffer. Dense weights are [out, in] (the nn.Linear
   // convention: y = x W^T + b). Hugging Face's GPT-2 stores them through Conv1D as
@@ -36,22 +38,30 @@ struct ParamTensor {
   int64_t layer = -1;  // the block index, or -1 for tensors outside the blocks
 };
 
-// Offsets of one block's tensors (indices into the flat buffer, in floats).
+// Offsets of one block's tensors (indices into the flat buffer, in floats); -1 for a
+// tensor the architecture does not have (Llama has no biases).
+//   GPT-2: ln_1 (weight, bias), c_attn [3C, C] + [3C] (q | k | v), attn.c_proj [C, C] + [C],
+//          ln_2, mlp.c_fc [4C, C] + [4C], mlp.c_proj [C, 4C] + [C].
+//   Llama: input_layernorm [C]; q_proj [H hs, C], k_proj [KVH hs, C], v_proj [KVH hs, C]
+//          stored one after the other, so attn_weight is one fused [(H + 2 KVH) hs, C]
+//          matrix; o_proj [C, H hs]; post_attention_layernorm [C]; gate_proj [I, C] then
+//          up_proj [I, C] (fc_weight: one fused [2I, C], gate | up); down_proj [C, I].
 struct BlockOffsets {
   int64_t ln_1_weight, ln_1_bias;
-  int64_t attn_weight, attn_bias;        // c_attn: [3C, C], [3C]  (q | k | v)
-  int64_t attn_proj_weight, attn_proj_bias;  // attn.c_proj: [C, C], [C]
+  int64_t attn_weight, attn_bias;
+  int64_t attn_proj_weight, attn_proj_bias;
   int64_t ln_2_weight, ln_2_bias;
-  int64_t fc_weight, fc_bias;            // mlp.c_fc: [4C, C], [4C]
-  int64_t fc_proj_weight, fc_proj_bias;  // mlp.c_proj: [C, 4C], [C]
+  int64_t fc_weight, fc_bias;
+  int64_t fc_proj_weight, fc_proj_bias;
 };
 
 struct ParameterLayout {
   std::vector<ParamTensor> tensors;  // in buffer order
   int64_t total = 0;                 // floats in the flat buffer
-  int64_t wte = 0, wpe = 0;          // [V, C], [n_positions, C]
+  int64_t wte = 0, wpe = 0;          // [V, C], [n_positions, C] (Llama: no wpe, -1)
   std::vector<BlockOffsets> blocks;  // [n_layer]
-  int64_t ln_f_weight = 0, ln_f_bias = 0;
+  int64_t ln_f_weight = 0, ln_f_bias = 0;  // Llama: model.norm.weight, no bias (-1)
+  int64_t lm_head = -1;              // [V, C] "lm_head.weight" of an untied head, or -1 (tied to wte)
   int64_t value_head = -1;           // [1, C] ("score.weight"), or -1 without a value head
 
   // The tensor called `name` (our name, no prefix), or nullptr.

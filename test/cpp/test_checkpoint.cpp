@@ -617,7 +617,12 @@ TEST(config_errors_name_the_field) {
       {"{\"layer_norm_epsilon\": -1e-5}", "layer_norm_epsilon"},
       {"{\"layer_norm_epsilon\": 1e-50}", "layer_norm_epsilon"},
       {"{\"layer_norm_epsilon\": \"1e-5\"}", "layer_norm_epsilon"},
-      {"{\"model_type\": \"llama\"}", "model_type"},
+      {"{\"model_type\": \"mistral\"}", "model_type"},
+      {"{\"model_type\": \"llama\", \"num_key_value_heads\": 5}", "n_kv_head"},
+      {"{\"model_type\": \"llama\", \"hidden_act\": \"gelu\"}", "hidden_act"},
+      {"{\"model_type\": \"llama\", \"attention_bias\": true}", "attention_bias"},
+      {"{\"model_type\": \"llama\", \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4}}", "rope_scaling"},
+      {"{\"model_type\": \"llama\", \"head_dim\": 64}", "head_dim"},
       {"{\"model_type\": \"gpt_neox\"}", "model_type"},
       {"{\"model_type\": 2}", "model_type"},
       {"{\"activation_function\": \"relu\"}", "activation_function"},
@@ -637,7 +642,7 @@ TEST(config_errors_name_the_field) {
       {"{\"n_layer\": 1000000, \"n_embd\": 1000000, \"n_head\": 1}", "n_embd"},
   };
   for (const Case& c : cases) CHECK_THROWS_CODE(config_from_json(c.json), ErrorCode::InvalidArgument, c.field);
-  CHECK(message_has([] { config_from_json("{\"model_type\": \"llama\"}"); }, "only the GPT-2 family"));
+  CHECK(message_has([] { config_from_json("{\"model_type\": \"mistral\"}"); }, "the GPT-2 family (\"gpt2\") and the Llama family (\"llama\") are"));
   CHECK(message_has([] { config_from_json("{\"n_embd\": 100, \"n_head\": 12}"); }, "divisible"));
   // Not JSON / not an object: named by the source.
   CHECK_THROWS_CODE(config_from_json("{\"n_embd\": 768,}"), ErrorCode::InvalidArgument, "config.json");
@@ -1282,7 +1287,7 @@ TEST(load_corrupt_checkpoints) {
        },
        ErrorCode::InvalidArgument, "ln_f.bias"},
       {"unsupported model_type",
-       [](HfModel&, std::string& text) { text = "{\"model_type\": \"llama\"}"; },
+       [](HfModel&, std::string& text) { text = "{\"model_type\": \"mistral\"}"; },
        ErrorCode::InvalidArgument, "model_type"},
       {"config.json not JSON",
        [](HfModel&, std::string& text) { text = "{\"n_embd\": 8"; },

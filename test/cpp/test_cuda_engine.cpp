@@ -1079,10 +1079,15 @@ TEST(engine_sample_tokens) {
 
 namespace {
 
+// H query heads, KVH key/value heads (grouped-query attention when KVH < H), head size hs.
 struct AttShape {
-  int64_t B, T, C, H;
+  int64_t B, T, H, KVH, hs;
 };
-const AttShape kAttShapes[] = {{1, 1, 12, 4}, {2, 17, 12, 3}, {3, 64, 64, 1}, {2, 130, 128, 2}, {2, 200, 768, 12}};
+const AttShape kAttShapes[] = {
+    // multi-head (GPT-2: KVH == H, hs = C / H)
+    {1, 1, 4, 4, 3}, {2, 17, 3, 3, 4}, {3, 64, 1, 1, 64}, {2, 130, 2, 2, 64}, {2, 200, 12, 12, 64},
+    // grouped-query (Llama): groups of 4, multi-query (one kv head), groups of 3
+    {2, 70, 8, 2, 16}, {2, 130, 4, 1, 64}, {2, 200, 12, 4, 64}};
 
 }  // namespace
 
@@ -1090,21 +1095,23 @@ TEST(engine_attention_forward_backward) {
   tu::Rng rng(61);
   for (const AttShape& s : kAttShapes) {
     for (int with_lengths = 0; with_lengths < 2; ++with_lengths) {
-      const int64_t B = s.B, T = s.T, C = s.C, H = s.H;
+      const int64_t B = s.B, T = s.T, H = s.H, KVH = s.KVH, hs = s.hs;
+      const int64_t W = (H + 2 * KVH) * hs, C = H * hs;  // qkv and out row widths
       std::vector<int32_t> lengths;
       if (with_lengths) lengths = random_lengths(rng, B, T);
       auto len = [&](int64_t b) { return lengths.empty() ? T : lengths[b]; };
       // Valid rows N(0, 1); padded rows of qkv and grad_out hold large garbage (+-1e3),
       // which causality and the padding contract keep out of every valid result.
-      std::vector<float> qkv = tu::normal(rng, B * T * 3 * C), gout = tu::normal(rng, B * T * C);
+      std::vector<float> qkv = tu::normal(rng, B * T * W), gout = tu::normal(rng, B * T * C);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t t = len(b); t < T; ++t) {
-          for (int64_t j = 0; j < 3 * C; ++j) qkv[(b * T + t) * 3 * C + j] = static_cast<float>(tu::rand_uniform(rng, -1e3, 1e3));
+          for (int64_t j = 0; j < W; ++j) qkv[(b * T + t) * W + j] = static_cast<float>(tu::rand_uniform(rng, -1e3, 1e3));
           for (int64_t j = 0; j < C; ++j) gout[(b * T + t) * C + j] = static_cast<float>(tu::rand_uniform(rng, -1e3, 1e3));
         }
-      const std::vector<float> gq0 = tu::normal(rng, B * T * 3 * C);
-      const std::string what = "attention (B,T,C,H)=(" + std::to_string(B) + "," + std::to_string(T) + "," +
-                               std::to_string(C) + "," + std::to_string(H) + ")" + (with_lengths ? " lengths" : "");
+      const std::vector<float> gq0 = tu::normal(rng, B * T * W);
+      const std::string what = "attention (B,T,H,KVH,hs)=(" + std::to_string(B) + "," + std::to_string(T) + "," +
+                               std::to_string(H) + "," + std::to_string(KVH) + "," + std::to_string(hs) + ")" +
+                               (with_lengths ? " lengths" : "");
       Runs r = run3(what, [&](const EngineOps& ops) {
         Buf<int32_t> dl(ops, lengths);
         const int32_t* lp = lengths.empty() ? nullptr : dl.p();
@@ -1112,10 +1119,10 @@ TEST(engine_attention_forward_backward) {
         // The saved buffer's size is the table's own (probabilities on the CPU, one
         // log-sum-exp per query row on CUDA).
         Buf<float> saved(ops, tu::poisoned(ops.attention_saved_floats(B, T, H)));
-        ops.attention_forward(B, T, C, H, lp, dq.p(), saved.p(), out.p());
-        ops.attention_forward(B, T, C, H, lp, dq.p(), nullptr, out_nosave.p());
+        ops.attention_forward(B, T, H, KVH, hs, lp, dq.p(), saved.p(), out.p());
+        ops.attention_forward(B, T, H, KVH, hs, lp, dq.p(), nullptr, out_nosave.p());
         Buf<float> dg(ops, gout), gq(ops, gq0);
-        ops.attention_backward(B, T, C, H, lp, dg.p(), dq.p(), out.p(), saved.p(), gq.p());
+        ops.attention_backward(B, T, H, KVH, hs, lp, dg.p(), dq.p(), out.p(), saved.p(), gq.p());
         return Outs{{"out", out.get()}, {"out_nosave", out_nosave.get()}, {"saved", saved.get()},
                     {"grad_qkv", gq.get()}};
       });
@@ -1126,8 +1133,9 @@ TEST(engine_attention_forward_backward) {
       check_close(r.gpu["out"], co, [&](size_t i) { return 1e-5 + 1e-4 * std::fabs(co[i]); }, what + " out");
       check_close(r.gpu["out_nosave"], co, [&](size_t i) { return 1e-5 + 1e-4 * std::fabs(co[i]); },
                   what + " out (saved = nullptr)");
-      // The gradient sums up to T such terms per element: 1e-5 of the largest contribution
-      // (at least 1) plus 1e-4 relative.
+      // The gradient sums up to T such terms per element (G T in the k and v parts, for
+      // groups of G = H / KVH query heads): 1e-5 of the largest contribution (at least 1)
+      // plus 1e-4 relative.
       const std::vector<float>& cg = r.cpu["grad_qkv"];
       double contrib = 1.0;
       for (size_t i = 0; i < cg.size(); ++i) contrib = std::max(contrib, std::fabs(double(cg[i]) - gq0[i]));
@@ -1141,9 +1149,9 @@ TEST(engine_attention_forward_backward) {
             pad_out.push_back(r.gpu["out"][(b * T + t) * C + j]);
             pad_out2.push_back(r.gpu["out_nosave"][(b * T + t) * C + j]);
           }
-          for (int64_t j = 0; j < 3 * C; ++j) {
-            pad_g.push_back(r.gpu["grad_qkv"][(b * T + t) * 3 * C + j]);
-            pad_g0.push_back(gq0[(b * T + t) * 3 * C + j]);
+          for (int64_t j = 0; j < W; ++j) {
+            pad_g.push_back(r.gpu["grad_qkv"][(b * T + t) * W + j]);
+            pad_g0.push_back(gq0[(b * T + t) * W + j]);
           }
         }
       check_bits(pad_out, std::vector<float>(pad_out.size(), 0.0f), what + " padded rows of out");
@@ -1155,45 +1163,52 @@ TEST(engine_attention_forward_backward) {
 
 TEST(engine_kv_cache_and_decode) {
   tu::Rng rng(62);
-  struct Shape { int64_t B, C, H, cache_T, T_pre; };
-  const Shape shapes[] = {{1, 12, 4, 8, 5}, {3, 64, 2, 40, 33}, {4, 768, 12, 130, 100}, {5, 128, 2, 70, 64}};
+  // H query heads, KVH key/value heads of hs columns; the caches hold KVH hs per row.
+  struct Shape { int64_t B, H, KVH, hs, cache_T, T_pre; };
+  const Shape shapes[] = {
+      // multi-head (GPT-2)
+      {1, 4, 4, 3, 8, 5}, {3, 2, 2, 32, 40, 33}, {4, 12, 12, 64, 130, 100}, {5, 2, 2, 64, 70, 64},
+      // grouped-query: groups of 4, multi-query, groups of 3
+      {3, 8, 2, 16, 40, 33}, {4, 4, 1, 64, 70, 64}, {3, 12, 4, 64, 210, 200}};
   for (const Shape& s : shapes) {
-    const int64_t B = s.B, C = s.C, H = s.H, cT = s.cache_T, Tp = s.T_pre, Tf = Tp + 2;
-    // The full sequences [B, Tf, 3C]; the prompts are their first L_b rows, then two
+    const int64_t B = s.B, H = s.H, KVH = s.KVH, hs = s.hs, cT = s.cache_T, Tp = s.T_pre, Tf = Tp + 2;
+    const int64_t W = (H + 2 * KVH) * hs, C = H * hs, KC = KVH * hs;  // qkv, out, cache rows
+    // The full sequences [B, Tf, W]; the prompts are their first L_b rows, then two
     // decoding steps feed rows L_b and L_b + 1. The last sequence (when B > 1) is finished:
     // position -1 in both steps.
-    const std::vector<float> full = tu::normal(rng, B * Tf * 3 * C);
+    const std::vector<float> full = tu::normal(rng, B * Tf * W);
     const std::vector<int32_t> L = random_lengths(rng, B, Tp);
-    std::vector<float> pre(static_cast<size_t>(B * Tp * 3 * C));
+    std::vector<float> pre(static_cast<size_t>(B * Tp * W));
     for (int64_t b = 0; b < B; ++b)
-      std::copy(full.begin() + b * Tf * 3 * C, full.begin() + (b * Tf + Tp) * 3 * C, pre.begin() + b * Tp * 3 * C);
+      std::copy(full.begin() + b * Tf * W, full.begin() + (b * Tf + Tp) * W, pre.begin() + b * Tp * W);
     std::vector<std::vector<int32_t>> pos(2, std::vector<int32_t>(B));
-    std::vector<std::vector<float>> step_qkv(2, std::vector<float>(B * 3 * C));
+    std::vector<std::vector<float>> step_qkv(2, std::vector<float>(B * W));
     for (int st = 0; st < 2; ++st)
       for (int64_t b = 0; b < B; ++b) {
         const bool finished = B > 1 && b == B - 1;
         pos[st][b] = finished ? -1 : L[b] + st;
         const int64_t row = std::min<int64_t>(L[b] + st, Tf - 1);
-        std::copy(full.begin() + (b * Tf + row) * 3 * C, full.begin() + (b * Tf + row + 1) * 3 * C,
-                  step_qkv[st].begin() + b * 3 * C);
+        std::copy(full.begin() + (b * Tf + row) * W, full.begin() + (b * Tf + row + 1) * W,
+                  step_qkv[st].begin() + b * W);
       }
-    const std::string what = "decode B=" + std::to_string(B) + " C=" + std::to_string(C) + " H=" + std::to_string(H);
+    const std::string what = "decode B=" + std::to_string(B) + " H=" + std::to_string(H) +
+                             " KVH=" + std::to_string(KVH) + " hs=" + std::to_string(hs);
     Runs r = run3(what, [&](const EngineOps& ops) {
-      Buf<float> dpre(ops, pre), kc(ops, tu::poisoned(B * cT * C)), vc(ops, tu::poisoned(B * cT * C));
+      Buf<float> dpre(ops, pre), kc(ops, tu::poisoned(B * cT * KC)), vc(ops, tu::poisoned(B * cT * KC));
       Buf<int32_t> dl(ops, L);
-      ops.kv_cache_store(B, Tp, C, dl.p(), dpre.p(), cT, kc.p(), vc.p());
+      ops.kv_cache_store(B, Tp, H, KVH, hs, dl.p(), dpre.p(), cT, kc.p(), vc.p());
       Outs o{{"k_prefill", kc.get()}, {"v_prefill", vc.get()}};
       for (int st = 0; st < 2; ++st) {
         Buf<int32_t> dp(ops, pos[st]);
         Buf<float> dq(ops, step_qkv[st]), out(ops, tu::poisoned(B * C));
-        ops.attention_decode(B, C, H, dp.p(), dq.p(), cT, kc.p(), vc.p(), out.p());
+        ops.attention_decode(B, H, KVH, hs, dp.p(), dq.p(), cT, kc.p(), vc.p(), out.p());
         o["out" + std::to_string(st)] = out.get();
       }
       o["k_cache"] = kc.get();
       o["v_cache"] = vc.get();
       // The same rows through the full forward (no padding), for the consistency check.
       Buf<float> dfull(ops, full), fout(ops, tu::poisoned(B * Tf * C));
-      ops.attention_forward(B, Tf, C, H, nullptr, dfull.p(), nullptr, fout.p());
+      ops.attention_forward(B, Tf, H, KVH, hs, nullptr, dfull.p(), nullptr, fout.p());
       o["forward"] = fout.get();
       return o;
     });
@@ -1204,9 +1219,14 @@ TEST(engine_kv_cache_and_decode) {
     for (int64_t b = 0; b < B; ++b) {
       const int64_t written = pos[0][b] < 0 ? L[b] : L[b] + 2;
       for (int64_t t = 0; t < cT; ++t)
-        if (std::isnan(r.gpu["k_cache"][(b * cT + t) * C]) != (t >= written))
-          tf::report_failure(__FILE__, __LINE__, what + ": cache row " + std::to_string(t) + " of sequence " +
-                                                     std::to_string(b) + " written wrongly");
+        for (const char* k : {"k_cache", "v_cache"}) {
+          bool wrong = false;  // every column of every kv head: written iff t < written
+          for (int64_t j = 0; j < KC; ++j)
+            wrong = wrong || std::isnan(r.gpu[k][(b * cT + t) * KC + j]) != (t >= written);
+          if (wrong)
+            tf::report_failure(__FILE__, __LINE__, what + ": " + k + " row " + std::to_string(t) +
+                                                       " of sequence " + std::to_string(b) + " written wrongly");
+        }
     }
     // Outputs: as attention_forward (1e-5 + 1e-4 relative), 0 for finished rows; and each
     // within that of the GPU's own full forward at the same position.

@@ -785,7 +785,15 @@ TEST(small_kernels_checksum_and_errors) {
   CHECK_THROWS_CODE(embedding_forward(2, 4, nullptr, p, f, f, o), ErrorCode::InvalidArgument, "tokens");
   CHECK_THROWS_CODE(embedding_forward(2, 4, t, nullptr, f, f, o), ErrorCode::InvalidArgument, "positions");
   CHECK_THROWS_CODE(embedding_forward(2, 4, t, p, nullptr, f, o), ErrorCode::InvalidArgument, "wte");
-  CHECK_THROWS_CODE(embedding_forward(2, 4, t, p, f, nullptr, o), ErrorCode::InvalidArgument, "wpe");
+  // wpe == nullptr: no learned positions (Llama), out = the token's embedding row.
+  CHECK_NO_THROW(embedding_forward(2, 4, t, p, f, nullptr, o));
+  {
+    const float wte2[6] = {1, 2, 3, 4, 5, 6};  // vocab 3, C 2
+    const int32_t tok2[3] = {2, 0, 1}, pos2[3] = {0, -1, 5};
+    float out2[6];
+    embedding_forward(3, 2, tok2, pos2, wte2, nullptr, out2);
+    CHECK(out2[0] == 5 && out2[1] == 6 && out2[2] == 0 && out2[3] == 0 && out2[4] == 3 && out2[5] == 4);
+  }
   CHECK_THROWS_CODE(embedding_forward(2, 4, t, p, f, f, nullptr), ErrorCode::InvalidArgument, "out");
   CHECK_NO_THROW(embedding_forward(0, 4, nullptr, nullptr, nullptr, nullptr, nullptr));
   CHECK_THROWS_CODE(embedding_backward(-1, 4, f, t, p, o, o), ErrorCode::InvalidArgument, "rows");
