@@ -13,7 +13,7 @@
 // generation batch 4). Medians of --runs runs after one warm-up (plus the best run: on a
 // shared machine the steadier figure).
 // The Llama family: llama-100m (12 x 768, 12 query heads over 4 key/value heads, SwiGLU
-// width 2048, vocab 32000, tied head: 100.2M parameters; train 4 x 64 like gpt2) and
+// width 2048, vocab 32000, tied head: 100.1M parameters; train 4 x 64 like gpt2) and
 // llama-100m-512 (train 8 x 512), run by name (--config llama-100m), not by `all`.
 // Two more configs, GPT-2 124M at realistic GPU batches: gpt2-512 (train 8 x 512,
 // generation batch 8) and gpt2-1024 (train 8 x 1024, generation batch 64). --config all
@@ -84,7 +84,7 @@ const BenchConfig kConfigs[] = {
     {"gpt2-512", 12, 768, 12, 50257, 1024, 8, 512, 8, false},
     {"gpt2-1024", 12, 768, 12, 50257, 1024, 8, 1024, 64, false},
     // About 100M parameters (SmolLM-like proportions): 12 x 768, 12 query heads over 4
-    // key/value heads, SwiGLU width 2048, a 32k vocabulary, tied head: 100.2M.
+    // key/value heads, SwiGLU width 2048, a 32k vocabulary, tied head: 100.1M.
     {"llama-100m", 12, 768, 12, 32000, 1024, 4, 64, 4, false, true, 4, 2048},
     {"llama-100m-512", 12, 768, 12, 32000, 1024, 8, 512, 8, false, true, 4, 2048},
 };

@@ -23,6 +23,23 @@ inline void require_data(const void* p, const char* name) {
   require(p != nullptr, ErrorCode::InvalidArgument, std::string(name) + " must not be null", name);
 }
 
+// The grouped-query attention layout (cpu/attention.h, cuda/attention.cu): heads (H),
+// kv_heads (KVH) and head_size (hs) >= 0, and >= 1 when the call has work; H a multiple
+// of KVH.
+inline void require_heads(int64_t H, int64_t KVH, int64_t hs, bool has_work) {
+  require_size(H, "heads");
+  require_size(KVH, "kv_heads");
+  require_size(hs, "head_size");
+  if (has_work) {
+    require(H >= 1, ErrorCode::InvalidArgument, "heads must be >= 1, got " + std::to_string(H), "heads");
+    require(KVH >= 1, ErrorCode::InvalidArgument, "kv_heads must be >= 1, got " + std::to_string(KVH), "kv_heads");
+    require(hs >= 1, ErrorCode::InvalidArgument, "head_size must be >= 1, got " + std::to_string(hs), "head_size");
+  }
+  require(KVH == 0 || H % KVH == 0, ErrorCode::InvalidArgument,
+          "heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" + std::to_string(KVH) + ")",
+          "kv_heads");
+}
+
 // layernorm_forward's arguments (cpu/layers.h); false when there are no rows (nothing to do).
 inline bool check_layernorm_forward(int64_t rows, int64_t channels, const float* in, const float* weight,
                                     const float* bias, float eps, const float* out, const float* mean,

@@ -541,26 +541,6 @@ PPO_ATTN_VERSIONS(decode_head,
 // ---- validation and scratch -------------------------------------------------------------
 
 
-// The head layout: heads (H), kv_heads (KVH) and head_size (hs) >= 0, and >= 1 when the
-// call has work (B * T > 0); H a multiple of KVH.
-void require_heads(int64_t H, int64_t KVH, int64_t hs, bool has_work) {
-  require_size(H, "heads");
-  require_size(KVH, "kv_heads");
-  require_size(hs, "head_size");
-  if (has_work) {
-    require(H >= 1, ErrorCode::InvalidArgument, "heads must be >= 1, got " + std::to_string(H),
-            "heads");
-    require(KVH >= 1, ErrorCode::InvalidArgument,
-            "kv_heads must be >= 1, got " + std::to_string(KVH), "kv_heads");
-    require(hs >= 1, ErrorCode::InvalidArgument,
-            "head_size must be >= 1, got " + std::to_string(hs), "head_size");
-  }
-  require(KVH == 0 || H % KVH == 0, ErrorCode::InvalidArgument,
-          "heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" +
-              std::to_string(KVH) + ")",
-          "kv_heads");
-}
-
 // lengths[b] in [0, T] for every b (nullptr: all T).
 void require_lengths(int64_t B, int64_t T, const int32_t* lengths) {
   if (!lengths) return;

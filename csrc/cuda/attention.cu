@@ -83,6 +83,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "cpu/arg_checks.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_common.cuh"
 #include "cuda/engine_kernels.h"
@@ -902,35 +903,9 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 // ---- host side ------------------------------------------------------------------------------
 
-void require_size(int64_t value, const char* name) {
-  require(value >= 0, ErrorCode::InvalidArgument,
-          std::string(name) + " must be >= 0, got " + std::to_string(value), name);
-}
-
-void require_data(const void* p, const char* name) {
-  require(p != nullptr, ErrorCode::InvalidArgument, std::string(name) + " must not be null",
-          name);
-}
-
-// The grouped-query layout, as the CPU checks it (cpu/attention.cpp): heads (H), kv_heads
-// (KVH) and head_size (hs) >= 0, and >= 1 when the call has work; H a multiple of KVH.
-void require_heads(int64_t H, int64_t KVH, int64_t hs, bool has_work) {
-  require_size(H, "heads");
-  require_size(KVH, "kv_heads");
-  require_size(hs, "head_size");
-  if (has_work) {
-    require(H >= 1, ErrorCode::InvalidArgument, "heads must be >= 1, got " + std::to_string(H),
-            "heads");
-    require(KVH >= 1, ErrorCode::InvalidArgument,
-            "kv_heads must be >= 1, got " + std::to_string(KVH), "kv_heads");
-    require(hs >= 1, ErrorCode::InvalidArgument,
-            "head_size must be >= 1, got " + std::to_string(hs), "head_size");
-  }
-  require(KVH == 0 || H % KVH == 0, ErrorCode::InvalidArgument,
-          "heads (" + std::to_string(H) + ") must be a multiple of kv_heads (" +
-              std::to_string(KVH) + ")",
-          "kv_heads");
-}
+using cpu::require_data;
+using cpu::require_heads;
+using cpu::require_size;
 
 // The kernels index rows, columns and blocks with int: the values below must fit (far
 // beyond any real model).

@@ -32,6 +32,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_common.cuh"
 #include "cuda/llama_kernels.h"
+#include "cuda/row_ops.cuh"
 
 namespace ppo::cuda {
 namespace {
@@ -41,168 +42,6 @@ using cpu::check_rmsnorm_forward;
 using cpu::check_rope;
 using cpu::check_swiglu_backward;
 using cpu::check_swiglu_forward;
-
-constexpr int kWarpsPerBlock = kThreads / kWarpSize;
-constexpr int64_t kMaxGridY = 65535;
-
-// ---- scratch -----------------------------------------------------------------------------
-// Grow-only device scratch, one per host thread, kept for the thread's lifetime (the
-// pattern of cuda/layers.cu): rmsnorm_backward runs once per norm per step, and a
-// cudaMalloc/cudaFree pair per call would synchronize the device each time. A thread's ops
-// are queued in order on the default stream, so an op reusing the area runs after the
-// kernels of the previous op that used it; growing frees the old area with cudaFree, which
-// first waits for the device.
-class ThreadScratch {
- public:
-  ThreadScratch() = default;
-  ThreadScratch(const ThreadScratch&) = delete;
-  ThreadScratch& operator=(const ThreadScratch&) = delete;
-  ~ThreadScratch() {
-    if (ptr_ != nullptr) (void)cudaFree(ptr_);  // a destructor must not throw
-  }
-
-  void* get(size_t bytes) {
-    if (bytes > bytes_) {
-      if (ptr_ != nullptr) {
-        void* old = ptr_;
-        ptr_ = nullptr;
-        bytes_ = 0;
-        PPO_CUDA_CHECK(cudaFree(old));
-      }
-      ptr_ = PPO_CUDA_MALLOC(bytes);
-      bytes_ = bytes;
-    }
-    return ptr_;
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-ThreadScratch& thread_scratch() {
-  thread_local ThreadScratch scratch;
-  return scratch;
-}
-
-// ---- launch shapes -----------------------------------------------------------------------
-// Grid of a row op over [rows, cols] (rows, cols > 0): x covers the columns in tiles of
-// kThreads, y covers the rows (the kernels grid-stride over rows beyond it).
-dim3 row_tile_grid(int64_t rows, int64_t cols) {
-  const int64_t tiles = ceil_div(cols, kThreads);
-  const int64_t y =
-      std::min({rows, kMaxGridY, std::max<int64_t>(1, kMaxElementwiseBlocks / tiles)});
-  return dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(y));
-}
-
-// Grid of a warp-per-row kernel over rows > 0 rows.
-unsigned warp_row_blocks(int64_t rows) {
-  return static_cast<unsigned>(std::min(ceil_div(rows, kWarpsPerBlock), kMaxElementwiseBlocks));
-}
-
-__device__ __forceinline__ int64_t row_tile_column() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-
-// Global warp index and warp count of a warp-per-row kernel.
-__device__ __forceinline__ int64_t global_warp_index() {
-  return static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-}
-__device__ __forceinline__ int64_t grid_warp_count() {
-  return static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-}
-
-// Sum over the warp in a butterfly: every lane gets the same bits.
-__device__ __forceinline__ double warp_sum(double v) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(kFullWarp, v, offset);
-  }
-  return v;
-}
-
-// ---- deterministic column sums -----------------------------------------------------------
-// Chunking of the rows (cpu/layers.cpp's kMaxGradChunks / kMinRowsPerChunk): a function of
-// `rows` only, at most 64 chunks of at least 8 rows, no empty trailing chunk.
-constexpr int64_t kMaxGradChunks = 64;
-constexpr int64_t kMinRowsPerChunk = 8;
-
-struct RowChunks {
-  int64_t count;
-  int64_t rows_per_chunk;
-};
-
-RowChunks row_chunks(int64_t rows) {
-  int64_t chunks = std::min(kMaxGradChunks, ceil_div(rows, kMinRowsPerChunk));
-  const int64_t rows_per_chunk = ceil_div(rows, chunks);
-  chunks = ceil_div(rows, rows_per_chunk);
-  return {chunks, rows_per_chunk};
-}
-
-// Column-sum kernels run blocks of (32 channels) x (kSlots slots): slot s takes the rows
-// (or chunks) s, s + kSlots, ... of its range in order, and the slots are then added in
-// slot order. A warp reads 32 consecutive floats of a row (128 bytes).
-constexpr int kSlots = kThreads / kWarpSize;
-
-// Adds v over the block's slots in slot order; the total is valid in slot 0
-// (threadIdx.y == 0). Every thread of the block must call it, once per kernel.
-__device__ __forceinline__ double sum_slots(double v) {
-  __shared__ double totals[kSlots][kWarpSize];
-  totals[threadIdx.y][threadIdx.x] = v;
-  __syncthreads();
-  if (threadIdx.y == 0) {
-    double s = totals[0][threadIdx.x];
-    for (int slot = 1; slot < kSlots; ++slot) s += totals[slot][threadIdx.x];
-    v = s;
-  }
-  return v;
-}
-
-// Stage 1. grid (ceil(C / 32), chunks), block (32, kSlots):
-//   partials[chunk][c] = sum over the chunk's rows r of term(r, c), in double.
-template <typename Term>
-__global__ void __launch_bounds__(kThreads)
-    column_partials_kernel(Term term, int64_t rows, int64_t C, int64_t rows_per_chunk,
-                           double* __restrict__ partials) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
-  const int64_t chunk = blockIdx.y;
-  const int64_t r0 = chunk * rows_per_chunk;
-  const int64_t r1 = min(rows, r0 + rows_per_chunk);
-  double acc = 0.0;
-  if (c < C) {
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kSlots) acc += term(r, c);
-  }
-  acc = sum_slots(acc);
-  if (threadIdx.y == 0 && c < C) partials[chunk * C + c] = acc;
-}
-
-// Stage 2. grid (ceil(C / 32)), block (32, kSlots): out[c] += sum over chunks of
-// partials[chunk][c] (slot s sums chunks s, s + kSlots, ...; then slot order), the total
-// added in double and rounded once.
-__global__ void __launch_bounds__(kThreads)
-    column_partials_sum_kernel(const double* __restrict__ partials, int64_t chunks, int64_t C,
-                               float* __restrict__ out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
-  double acc = 0.0;
-  if (c < C) {
-    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += kSlots) acc += partials[chunk * C + c];
-  }
-  acc = sum_slots(acc);
-  if (threadIdx.y == 0 && c < C) out[c] = static_cast<float>(static_cast<double>(out[c]) + acc);
-}
-
-// Runs both stages: out[c] += sum_r term(r, c) for rows, C > 0. `partials` holds
-// chunks.count * C doubles.
-template <typename Term>
-void launch_column_sums(const Term& term, int64_t rows, int64_t C, RowChunks chunks,
-                        double* partials, float* out) {
-  const dim3 block(kWarpSize, kSlots);
-  const unsigned channel_tiles = static_cast<unsigned>(ceil_div(C, kWarpSize));
-  column_partials_kernel<Term><<<dim3(channel_tiles, static_cast<unsigned>(chunks.count)), block>>>(
-      term, rows, C, chunks.rows_per_chunk, partials);
-  PPO_CUDA_CHECK_LAUNCH("column_partials_kernel");
-  column_partials_sum_kernel<<<channel_tiles, block>>>(partials, chunks.count, C, out);
-  PPO_CUDA_CHECK_LAUNCH("column_partials_sum_kernel");
-}
 
 // ---- RMSNorm -----------------------------------------------------------------------------
 // Forward, one warp per row of C channels: sum of squares in double, rstd = 1 / sqrt(ss / C
@@ -258,9 +97,9 @@ struct RmsNormWeightTerm {
   const float* __restrict__ in;
   const float* __restrict__ rstd;
   int64_t C;
-  __device__ __forceinline__ double operator()(int64_t r, int64_t c) const {
-    return static_cast<double>(grad_out[r * C + c]) * static_cast<double>(in[r * C + c]) *
-           static_cast<double>(rstd[r]);
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, double (&acc)[1]) const {
+    acc[0] += static_cast<double>(grad_out[r * C + c]) * static_cast<double>(in[r * C + c]) *
+              static_cast<double>(rstd[r]);
   }
 };
 
@@ -428,8 +267,8 @@ void rmsnorm_backward(int64_t rows, int64_t channels, const float* grad_out, con
   rmsnorm_backward_rows_kernel<<<warp_row_blocks(rows), kThreads>>>(rows, channels, grad_out, in,
                                                                     weight, rstd, grad_in);
   PPO_CUDA_CHECK_LAUNCH("rmsnorm_backward_rows_kernel");
-  launch_column_sums(RmsNormWeightTerm{grad_out, in, rstd, channels}, rows, channels, chunks,
-                     partials, grad_weight);
+  launch_column_sums<double, 1>(RmsNormWeightTerm{grad_out, in, rstd, channels}, rows, channels, chunks,
+                                partials, Outputs<1>{{grad_weight}});
 }
 
 void rope_forward(int64_t rows, int64_t row_stride, int64_t col_offset, int64_t heads,
