@@ -23,6 +23,82 @@ inline void require_data(const void* p, const char* name) {
   require(p != nullptr, ErrorCode::InvalidArgument, std::string(name) + " must not be null", name);
 }
 
+// The arguments of the dense layers' small ops (cpu/layers.h): sizes >= 0, then (when
+// there is work) non-null arrays. Each returns false when there is nothing to do.
+inline bool check_add_bias(int64_t rows, int64_t channels, const void* bias, const void* out) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return false;
+  require_data(bias, "bias");
+  require_data(out, "out");
+  return true;
+}
+
+inline bool check_bias_backward(int64_t rows, int64_t channels, const void* grad_out, const void* grad_bias) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return false;
+  require_data(grad_out, "grad_out");
+  require_data(grad_bias, "grad_bias");
+  return true;
+}
+
+inline bool check_gelu_forward(int64_t n, const void* in, const void* out) {
+  require_size(n, "n");
+  if (n == 0) return false;
+  require_data(in, "in");
+  require_data(out, "out");
+  return true;
+}
+
+inline bool check_gelu_backward(int64_t n, const void* in, const void* grad_out, const void* grad_in) {
+  require_size(n, "n");
+  if (n == 0) return false;
+  require_data(in, "in");
+  require_data(grad_out, "grad_out");
+  require_data(grad_in, "grad_in");
+  return true;
+}
+
+inline bool check_add(int64_t n, const void* a, const void* b, const void* out) {
+  require_size(n, "n");
+  if (n == 0) return false;
+  require_data(a, "a");
+  require_data(b, "b");
+  require_data(out, "out");
+  return true;
+}
+
+inline bool check_accumulate(int64_t n, const void* x, const void* y) {
+  require_size(n, "n");
+  if (n == 0) return false;
+  require_data(x, "x");
+  require_data(y, "y");
+  return true;
+}
+
+inline bool check_embedding_forward(int64_t rows, int64_t channels, const void* tokens, const void* positions, const void* wte, const void* out) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return false;
+  require_data(tokens, "tokens");
+  require_data(positions, "positions");
+  require_data(wte, "wte");
+  require_data(out, "out");
+  return true;
+}
+
+inline bool check_embedding_backward(int64_t rows, int64_t channels, const void* grad_out, const void* tokens, const void* positions, const void* grad_wte) {
+  require_size(rows, "rows");
+  require_size(channels, "channels");
+  if (rows == 0 || channels == 0) return false;
+  require_data(grad_out, "grad_out");
+  require_data(tokens, "tokens");
+  require_data(positions, "positions");
+  require_data(grad_wte, "grad_wte");
+  return true;
+}
+
 // The grouped-query attention layout (cpu/attention.h, cuda/attention.cu): heads (H),
 // kv_heads (KVH) and head_size (hs) >= 0, and >= 1 when the call has work; H a multiple
 // of KVH.

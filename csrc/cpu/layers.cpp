@@ -15,6 +15,7 @@
 
 #include "core/error.h"
 #include "cpu/arg_checks.h"
+#include "cpu/row_chunks.h"
 #include "core/thread_pool.h"
 #include "cpu/vec_math.h"
 
@@ -135,28 +136,17 @@ void layernorm_backward_rows(int64_t begin, int64_t end, int64_t C,
   }
 }
 
-// weight/bias gradient: grad[c] += partial[0][c], then += partial[1][c], ... (chunk
-// order), for channels [begin, end).
+}  // namespace
+
+// row_chunks.h: one chunk's partial at a time, so each grad[c] adds the chunks in order.
 PPO_CPU_MULTIVERSION
-void layernorm_reduce_partials(int64_t begin, int64_t end, int64_t C, int64_t chunks,
-                               const float* __restrict pw, const float* __restrict pb,
-                               float* __restrict grad_weight, float* __restrict grad_bias) {
+void add_chunk_partials(int64_t begin, int64_t end, int64_t C, int64_t chunks, const float* __restrict partials,
+                        float* __restrict grad) {
   for (int64_t k = 0; k < chunks; ++k) {
-    const float* w = pw + k * C;
-    const float* b = pb + k * C;
-    for (int64_t c = begin; c < end; ++c) grad_weight[c] += w[c];
-    for (int64_t c = begin; c < end; ++c) grad_bias[c] += b[c];
+    const float* p = partials + k * C;
+    for (int64_t c = begin; c < end; ++c) grad[c] += p[c];
   }
 }
-
-// Chunking of the rows for the weight/bias gradient: a function of `rows` only (never of
-// the thread count), so the summation order and hence the bits are fixed. At most 64
-// chunks (enough to keep 64 threads busy; partial buffers of 2 * 64 * C floats, 393 KB
-// at C = 768) of at least 8 rows (so the partials stay small next to the row work).
-constexpr int64_t kMaxGradChunks = 64;
-constexpr int64_t kMinRowsPerChunk = 8;
-
-}  // namespace
 
 void layernorm_forward(int64_t rows, int64_t channels, const float* in, const float* weight,
                        const float* bias, float eps, float* out, float* mean, float* rstd) {
@@ -176,15 +166,11 @@ void layernorm_backward(int64_t rows, int64_t channels, const float* grad_out, c
                                 grad_bias))
     return;
 
-  int64_t chunks = std::min(kMaxGradChunks, (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk);
-  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-  chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;  // no empty trailing chunk
-
-  // [chunks][C] weight partials, then [chunks][C] bias partials; each chunk zeroes its own.
+  const RowChunks rc = row_chunks(rows);
+  const int64_t chunks = rc.count, rows_per_chunk = rc.rows_per_chunk;
+  // [chunks][C] weight partials, then [chunks][C] bias partials.
   const int64_t partial_size = chunks * channels;
-  std::unique_ptr<float[]> partials(new (std::nothrow) float[2 * partial_size]);
-  require(partials != nullptr, ErrorCode::OutOfMemory,
-          "layernorm_backward: cannot allocate the weight/bias gradient partials");
+  const std::unique_ptr<float[]> partials = chunk_partials(2 * partial_size, "layernorm_backward");
   float* pw = partials.get();
   float* pb = pw + partial_size;
 
@@ -202,7 +188,8 @@ void layernorm_backward(int64_t rows, int64_t channels, const float* grad_out, c
   parallel_for(
       channels,
       [&](int64_t begin, int64_t end) {
-        layernorm_reduce_partials(begin, end, channels, chunks, pw, pb, grad_weight, grad_bias);
+        add_chunk_partials(begin, end, channels, chunks, pw, grad_weight);
+        add_chunk_partials(begin, end, channels, chunks, pb, grad_bias);
       },
       grain_for(2 * chunks));
 }
@@ -259,21 +246,14 @@ void gelu_backward_range(int64_t begin, int64_t end, const float* __restrict in,
 }  // namespace
 
 void gelu_forward(int64_t n, const float* in, float* out) {
-  require_size(n, "n");
-  if (n == 0) return;
-  require_data(in, "in");
-  require_data(out, "out");
+  if (!check_gelu_forward(n, in, out)) return;
   parallel_for(
       n, [&](int64_t begin, int64_t end) { gelu_forward_range(begin, end, in, out); },
       grain_for(32));
 }
 
 void gelu_backward(int64_t n, const float* in, const float* grad_out, float* grad_in) {
-  require_size(n, "n");
-  if (n == 0) return;
-  require_data(in, "in");
-  require_data(grad_out, "grad_out");
-  require_data(grad_in, "grad_in");
+  if (!check_gelu_backward(n, in, grad_out, grad_in)) return;
   parallel_for(
       n,
       [&](int64_t begin, int64_t end) { gelu_backward_range(begin, end, in, grad_out, grad_in); },
@@ -364,16 +344,6 @@ void bias_partial_rows(int64_t r0, int64_t r1, int64_t C, const float* __restric
   }
 }
 
-// grad_bias[c] += partial[0][c], then += partial[1][c], ... (chunk order), channels [begin, end).
-PPO_CPU_MULTIVERSION
-void bias_reduce_partials(int64_t begin, int64_t end, int64_t C, int64_t chunks,
-                          const float* __restrict partials, float* __restrict grad_bias) {
-  for (int64_t k = 0; k < chunks; ++k) {
-    const float* p = partials + k * C;
-    for (int64_t c = begin; c < end; ++c) grad_bias[c] += p[c];
-  }
-}
-
 // No __restrict: out may equal a or b (each element is read before it is written); GCC
 // vectorizes with a run-time overlap check.
 PPO_CPU_MULTIVERSION
@@ -392,14 +362,7 @@ void accumulate_range(int64_t begin, int64_t end, const float* __restrict x,
 void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
                        const int32_t* positions, const float* wte, const float* wpe,
                        float* out) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(tokens, "tokens");
-  require_data(positions, "positions");
-  require_data(wte, "wte");
-  
-  require_data(out, "out");
+  if (!check_embedding_forward(rows, channels, tokens, positions, wte, out)) return;
   parallel_for(
       rows,
       [&](int64_t begin, int64_t end) {
@@ -411,13 +374,7 @@ void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
 void embedding_backward(int64_t rows, int64_t channels, const float* grad_out,
                         const int32_t* tokens, const int32_t* positions, float* grad_wte,
                         float* grad_wpe) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(grad_out, "grad_out");
-  require_data(tokens, "tokens");
-  require_data(positions, "positions");
-  require_data(grad_wte, "grad_wte");
+  if (!check_embedding_backward(rows, channels, grad_out, tokens, positions, grad_wte)) return;
   // Channel ranges of at least 16 floats (one 64-byte cache line), so two threads rarely
   // write the same line of a gradient row; each channel costs 2 adds per row.
   parallel_for(
@@ -430,11 +387,7 @@ void embedding_backward(int64_t rows, int64_t channels, const float* grad_out,
 }
 
 void add_bias(int64_t rows, int64_t channels, const float* bias, float* out) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(bias, "bias");
-  require_data(out, "out");
+  if (!check_add_bias(rows, channels, bias, out)) return;
   parallel_for(
       rows,
       [&](int64_t begin, int64_t end) { add_bias_rows(begin, end, channels, bias, out); },
@@ -442,21 +395,11 @@ void add_bias(int64_t rows, int64_t channels, const float* bias, float* out) {
 }
 
 void bias_backward(int64_t rows, int64_t channels, const float* grad_out, float* grad_bias) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(grad_out, "grad_out");
-  require_data(grad_bias, "grad_bias");
+  if (!check_bias_backward(rows, channels, grad_out, grad_bias)) return;
 
-  // The chunking of layernorm_backward's weight/bias gradient (a function of rows only).
-  int64_t chunks = std::min(kMaxGradChunks, (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk);
-  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-  chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;  // no empty trailing chunk
-
-  // [chunks][C] partial sums; each chunk zeroes its own.
-  std::unique_ptr<float[]> partials(new (std::nothrow) float[chunks * channels]);
-  require(partials != nullptr, ErrorCode::OutOfMemory,
-          "bias_backward: cannot allocate the gradient partials");
+  const RowChunks rc = row_chunks(rows);
+  const int64_t chunks = rc.count, rows_per_chunk = rc.rows_per_chunk;
+  const std::unique_ptr<float[]> partials = chunk_partials(chunks * channels, "bias_backward");
   float* p = partials.get();
   parallel_for(
       chunks,
@@ -470,26 +413,19 @@ void bias_backward(int64_t rows, int64_t channels, const float* grad_out, float*
   parallel_for(
       channels,
       [&](int64_t begin, int64_t end) {
-        bias_reduce_partials(begin, end, channels, chunks, p, grad_bias);
+        add_chunk_partials(begin, end, channels, chunks, p, grad_bias);
       },
       grain_for(chunks));
 }
 
 void add(int64_t n, const float* a, const float* b, float* out) {
-  require_size(n, "n");
-  if (n == 0) return;
-  require_data(a, "a");
-  require_data(b, "b");
-  require_data(out, "out");
+  if (!check_add(n, a, b, out)) return;
   parallel_for(
       n, [&](int64_t begin, int64_t end) { add_range(begin, end, a, b, out); }, grain_for(1));
 }
 
 void accumulate(int64_t n, const float* x, float* y) {
-  require_size(n, "n");
-  if (n == 0) return;
-  require_data(x, "x");
-  require_data(y, "y");
+  if (!check_accumulate(n, x, y)) return;
   parallel_for(
       n, [&](int64_t begin, int64_t end) { accumulate_range(begin, end, x, y); }, grain_for(1));
 }

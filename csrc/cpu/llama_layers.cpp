@@ -17,16 +17,11 @@
 #include "core/error.h"
 #include "core/thread_pool.h"
 #include "cpu/arg_checks.h"
+#include "cpu/row_chunks.h"
 #include "cpu/vec_math.h"
 
 namespace ppo::cpu {
 namespace {
-
-// Chunking of the rows for the weight gradient: a function of `rows` only (never of the
-// thread count), so the summation order and hence the bits are fixed. The values of
-// layernorm_backward (layers.cpp): at most 64 chunks of at least 8 rows.
-constexpr int64_t kMaxGradChunks = 64;
-constexpr int64_t kMinRowsPerChunk = 8;
 
 // ================================ RMSNorm ================================================
 
@@ -93,17 +88,6 @@ void rmsnorm_backward_rows(int64_t begin, int64_t end, int64_t C,
       gi[c] += rs * (weight[c] * g[c] - x[c] * coef);
       pw[c] += (x[c] * rs) * g[c];
     }
-  }
-}
-
-// grad_weight[c] += partial[0][c], then += partial[1][c], ... (chunk order), for channels
-// [begin, end).
-PPO_CPU_MULTIVERSION
-void rmsnorm_reduce_partials(int64_t begin, int64_t end, int64_t C, int64_t chunks,
-                             const float* __restrict pw, float* __restrict grad_weight) {
-  for (int64_t k = 0; k < chunks; ++k) {
-    const float* w = pw + k * C;
-    for (int64_t c = begin; c < end; ++c) grad_weight[c] += w[c];
   }
 }
 
@@ -291,14 +275,10 @@ void rmsnorm_backward(int64_t rows, int64_t channels, const float* grad_out, con
   if (!check_rmsnorm_backward(rows, channels, grad_out, in, weight, rstd, grad_in, grad_weight))
     return;
 
-  int64_t chunks = std::min(kMaxGradChunks, (rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk);
-  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-  chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;  // no empty trailing chunk
-
-  // [chunks][C] weight partials; each chunk zeroes its own.
-  std::unique_ptr<float[]> partials(new (std::nothrow) float[chunks * channels]);
-  require(partials != nullptr, ErrorCode::OutOfMemory,
-          "rmsnorm_backward: cannot allocate the weight gradient partials");
+  // The chunking of layernorm_backward's weight gradient (row_chunks.h).
+  const RowChunks rc = row_chunks(rows);
+  const int64_t chunks = rc.count, rows_per_chunk = rc.rows_per_chunk;
+  const std::unique_ptr<float[]> partials = chunk_partials(chunks * channels, "rmsnorm_backward");
   float* pw = partials.get();
 
   parallel_for(
@@ -315,7 +295,7 @@ void rmsnorm_backward(int64_t rows, int64_t channels, const float* grad_out, con
   parallel_for(
       channels,
       [&](int64_t begin, int64_t end) {
-        rmsnorm_reduce_partials(begin, end, channels, chunks, pw, grad_weight);
+        add_chunk_partials(begin, end, channels, chunks, pw, grad_weight);
       },
       grain_for(chunks));
 }

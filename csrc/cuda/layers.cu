@@ -48,6 +48,14 @@
 namespace ppo::cuda {
 namespace {
 
+using cpu::check_accumulate;
+using cpu::check_add;
+using cpu::check_add_bias;
+using cpu::check_bias_backward;
+using cpu::check_embedding_backward;
+using cpu::check_embedding_forward;
+using cpu::check_gelu_backward;
+using cpu::check_gelu_forward;
 using cpu::check_layernorm_backward;
 using cpu::check_layernorm_forward;
 using cpu::require_data;
@@ -405,21 +413,13 @@ struct ValueHeadTerm {
 // ==============================================================================================
 
 void add_bias(int64_t rows, int64_t channels, const float* bias, float* out) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(bias, "bias");
-  require_data(out, "out");
+  if (!check_add_bias(rows, channels, bias, out)) return;
   add_bias_kernel<<<row_tile_grid(rows, channels), kThreads>>>(rows, channels, bias, out);
   PPO_CUDA_CHECK_LAUNCH("add_bias_kernel");
 }
 
 void bias_backward(int64_t rows, int64_t channels, const float* grad_out, float* grad_bias) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(grad_out, "grad_out");
-  require_data(grad_bias, "grad_bias");
+  if (!check_bias_backward(rows, channels, grad_out, grad_bias)) return;
   const RowChunks chunks = row_chunks(rows);
   float* partials = static_cast<float*>(
       thread_scratch().get(static_cast<size_t>(chunks.count * channels) * sizeof(float)));
@@ -460,52 +460,32 @@ void layernorm_backward(int64_t rows, int64_t channels, const float* grad_out, c
 }
 
 void gelu_forward(int64_t n, const float* in, float* out) {
-  require_size(n, "n");
-  if (n == 0) return;
-  require_data(in, "in");
-  require_data(out, "out");
+  if (!check_gelu_forward(n, in, out)) return;
   gelu_forward_kernel<<<elementwise_blocks(n), kThreads>>>(n, in, out);
   PPO_CUDA_CHECK_LAUNCH("gelu_forward_kernel");
 }
 
 void gelu_backward(int64_t n, const float* in, const float* grad_out, float* grad_in) {
-  require_size(n, "n");
-  if (n == 0) return;
-  require_data(in, "in");
-  require_data(grad_out, "grad_out");
-  require_data(grad_in, "grad_in");
+  if (!check_gelu_backward(n, in, grad_out, grad_in)) return;
   gelu_backward_kernel<<<elementwise_blocks(n), kThreads>>>(n, in, grad_out, grad_in);
   PPO_CUDA_CHECK_LAUNCH("gelu_backward_kernel");
 }
 
 void add(int64_t n, const float* a, const float* b, float* out) {
-  require_size(n, "n");
-  if (n == 0) return;
-  require_data(a, "a");
-  require_data(b, "b");
-  require_data(out, "out");
+  if (!check_add(n, a, b, out)) return;
   add_kernel<<<elementwise_blocks(n), kThreads>>>(n, a, b, out);
   PPO_CUDA_CHECK_LAUNCH("add_kernel");
 }
 
 void accumulate(int64_t n, const float* x, float* y) {
-  require_size(n, "n");
-  if (n == 0) return;
-  require_data(x, "x");
-  require_data(y, "y");
+  if (!check_accumulate(n, x, y)) return;
   accumulate_kernel<<<elementwise_blocks(n), kThreads>>>(n, x, y);
   PPO_CUDA_CHECK_LAUNCH("accumulate_kernel");
 }
 
 void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
                        const int32_t* positions, const float* wte, const float* wpe, float* out) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(tokens, "tokens");
-  require_data(positions, "positions");
-  require_data(wte, "wte");
-  require_data(out, "out");
+  if (!check_embedding_forward(rows, channels, tokens, positions, wte, out)) return;
   embedding_forward_kernel<<<row_tile_grid(rows, channels), kThreads>>>(rows, channels, tokens,
                                                                          positions, wte, wpe, out);
   PPO_CUDA_CHECK_LAUNCH("embedding_forward_kernel");
@@ -514,13 +494,7 @@ void embedding_forward(int64_t rows, int64_t channels, const int32_t* tokens,
 void embedding_backward(int64_t rows, int64_t channels, const float* grad_out,
                         const int32_t* tokens, const int32_t* positions, float* grad_wte,
                         float* grad_wpe) {
-  require_size(rows, "rows");
-  require_size(channels, "channels");
-  if (rows == 0 || channels == 0) return;
-  require_data(grad_out, "grad_out");
-  require_data(tokens, "tokens");
-  require_data(positions, "positions");
-  require_data(grad_wte, "grad_wte");
+  if (!check_embedding_backward(rows, channels, grad_out, tokens, positions, grad_wte)) return;
   require(rows <= INT_MAX, ErrorCode::InvalidArgument,
           "rows must be <= " + std::to_string(INT_MAX) + " (row ids are sorted as int32), got " +
               std::to_string(rows),

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/row_chunks.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_common.cuh"
 
@@ -103,22 +104,9 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 // ---- deterministic column sums -----------------------------------------------------------
-// Chunking of the rows (cpu/layers.cpp's kMaxGradChunks / kMinRowsPerChunk): a function of
-// `rows` only, at most 64 chunks of at least 8 rows, no empty trailing chunk.
-constexpr int64_t kMaxGradChunks = 64;
-constexpr int64_t kMinRowsPerChunk = 8;
-
-struct RowChunks {
-  int64_t count;
-  int64_t rows_per_chunk;
-};
-
-inline RowChunks row_chunks(int64_t rows) {
-  int64_t chunks = std::min(kMaxGradChunks, ceil_div(rows, kMinRowsPerChunk));
-  const int64_t rows_per_chunk = ceil_div(rows, chunks);
-  chunks = ceil_div(rows, rows_per_chunk);
-  return {chunks, rows_per_chunk};
-}
+// The rows' chunking is the CPU's (cpu/row_chunks.h), so both devices sum in chunks alike.
+using cpu::RowChunks;
+using cpu::row_chunks;
 
 // Column-sum kernels run blocks of (32 channels) x (kSlots slots): slot s takes the rows
 // (or chunks) s, s + kSlots, ... of its range in order, and the slots are then added in
