@@ -35,8 +35,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -45,6 +43,7 @@
 #include "core/thread_pool.h"
 #include "model/checkpoint.h"
 #include "model/gpt.h"
+#include "fixture_util.h"
 #include "test_framework.h"
 
 namespace {
@@ -60,48 +59,10 @@ using ppo::model::TokenBatch;
 constexpr double kOutAbs = 5e-6, kOutRel = 5e-6;        // forward outputs and losses
 constexpr double kGradRel = 5e-5, kGradAbsOfMax = 5e-6;  // gradients (see the header)
 
-std::string fixture_dir() {
-  if (const char* env = std::getenv("PPO_FIXTURE_DIR")) return env;
-#ifdef PPO_SOURCE_DIR
-  return std::string(PPO_SOURCE_DIR) + "/test/fixtures/gpt2-tiny";
-#else
-  std::string here = __FILE__;
-  const size_t slash = here.find_last_of('/');
-  here = slash == std::string::npos ? std::string(".") : here.substr(0, slash);
-  return here + "/../fixtures/gpt2-tiny";
-#endif
-}
+using fixture::doubles;
+using fixture::floats;
+using fixture::ints;
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  ppo::require(static_cast<bool>(in), ppo::ErrorCode::NotFound,
-               "cannot open " + path + " (run /usr/bin/python3 test/fixtures/make_gpt2_fixture.py)",
-               "fixture");
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
-
-std::vector<double> doubles(const json::Value& v) {
-  std::vector<double> out;
-  out.reserve(v.size());
-  for (const json::Value& x : v.values()) out.push_back(x.as_double());
-  return out;
-}
-
-std::vector<float> floats(const json::Value& v) {
-  std::vector<float> out;
-  out.reserve(v.size());
-  for (const json::Value& x : v.values()) out.push_back(static_cast<float>(x.as_double()));
-  return out;
-}
-
-std::vector<int32_t> ints(const json::Value& v) {
-  std::vector<int32_t> out;
-  out.reserve(v.size());
-  for (const json::Value& x : v.values()) out.push_back(static_cast<int32_t>(x.as_int64()));
-  return out;
-}
 
 // Everything the tests share: the expected values, the loaded model, the batch.
 struct Fixture {
@@ -122,8 +83,9 @@ struct Fixture {
 const Fixture& fixture() {
   static const Fixture f = [] {
     Fixture x;
-    const std::string dir = fixture_dir();
-    x.expected = json::parse(read_text(dir + "/expected.json"), dir + "/expected.json");
+    const std::string dir = fixture::dir("gpt2-tiny", "PPO_FIXTURE_DIR");
+    x.expected = json::parse(fixture::read_text(dir + "/expected.json", "/usr/bin/python3 test/fixtures/make_gpt2_fixture.py"),
+                             dir + "/expected.json");
     x.checkpoint = ppo::model::load_checkpoint(dir);
     x.batch = x.expected.at("batch").as_int64();
     x.steps = x.expected.at("steps").as_int64();
