@@ -78,7 +78,10 @@ void sample_tokens(const SampleTokensArgs& a) {
   sp.top_k = a.top_k;
   sp.top_p = a.top_p;
   sp.repetition_penalty = a.repetition_penalty;
-  std::vector<float> work(static_cast<size_t>(2 * a.vocab));
+  // sample_token's 2 * vocab floats of scratch, kept per thread: this runs once per
+  // generated token, and generate() used to allocate it once per call.
+  thread_local std::vector<float> work;
+  if (work.size() < static_cast<size_t>(2 * a.vocab)) work.resize(static_cast<size_t>(2 * a.vocab));
   for (int64_t r = 0; r < a.rows; ++r) {
     if (a.active != nullptr && a.active[r] == 0) continue;
     const float* raw = a.logits + r * a.vocab;

@@ -147,8 +147,6 @@ struct Model::Impl {
 
   // ---- the activation arena -------------------------------------------------------------
   DeviceArray<float> arena;
-  int64_t arena_B = 0, arena_T = 0;
-  bool arena_retained = false;
   float* x0 = nullptr;  // the embeddings [N, C]
   std::vector<BlockActs> blocks;
   float *lnf = nullptr, *lnf_mean = nullptr, *lnf_rstd = nullptr;
@@ -162,11 +160,10 @@ struct Model::Impl {
   // ---- what a retained forward keeps for backward() ------------------------------------
   bool has_retained = false;
   int64_t r_B = 0, r_T = 0;
-  std::vector<int32_t> r_tokens, r_lengths, r_positions;
-  // The K target positions: flat index b*T + t of the predicted token, its id, and
-  // the logits [K, V] of the rows b*T + t - 1 that predict them.
+  std::vector<int32_t> r_positions;  // (its tokens and lengths stay in d_tokens, d_lengths)
+  // The K target positions: flat index b*T + t of the predicted token (its id stays in
+  // d_target_tokens), and the logits [K, V] of the rows b*T + t - 1 that predict them.
   std::vector<int64_t> r_targets;
-  std::vector<int32_t> r_target_tokens;
   DeviceArray<float> r_head_logits;
   bool r_logprobs = false, r_entropy = false, r_values = false, r_lm = false;
 
@@ -338,9 +335,6 @@ struct Model::Impl {
     lnf = take(N * c);
     lnf_mean = take(N);
     lnf_rstd = take(N);
-    arena_B = B;
-    arena_T = T;
-    arena_retained = retain;
   }
 
   // ---- validation -----------------------------------------------------------------------
@@ -573,11 +567,8 @@ struct Model::Impl {
     if (req.retain) {
       r_B = B;
       r_T = T;
-      r_tokens.assign(batch.tokens, batch.tokens + N);
-      r_lengths = std::move(lengths);
       r_positions = std::move(positions);
       r_targets = std::move(targets);
-      r_target_tokens = std::move(target_tokens);
       r_logprobs = req.logprobs != nullptr;
       r_entropy = req.entropy != nullptr;
       r_values = req.values != nullptr;
